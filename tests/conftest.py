@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny tokenizers and models built locally, the shared data folder, offline mode."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may touch the network (see ../shared/FACTS.md: lm-eval otherwise retries for ~80 s).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FUSELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real evaluation/text data (../shared/data). Absent only in a user's fresh clone."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (set FUSELAB_SHARED_DATA to run these tests)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer():
+    return tiny.sentencepiece_style()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return tiny.byte_level()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, sp_tokenizer):
+    model = tiny.tiny_model("llama", sp_tokenizer, seed=0)
+    return tiny.save_pair(model, sp_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, bpe_tokenizer):
+    model = tiny.tiny_model("gpt2", bpe_tokenizer, seed=1)
+    return tiny.save_pair(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
