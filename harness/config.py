@@ -1,0 +1,326 @@
+"""Experiment configuration: one YAML file -> a typed, validated, hashable `ExperimentConfig`.
+
+Errors are one line that names the file and the field (`micro_quickstart.yaml: fusion.lam: ...`).
+Overrides use dotted paths: `fusion.lam=0.8`, `sources.0.ref=micro:gpt2-arith`, `evaluation.suites=[micro]`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusion.registry import ALIGNMENTS, FUSIONS, VOCAB_MAPS
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A model reference: hub id, local HF folder, `*.gguf` file, `micro:NAME` or `packaged:NAME`."""
+
+    name: str | None = None
+    ref: str
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # safetensors/GGUF only unless the experiment opts in
+
+    @property
+    def label(self) -> str:
+        return self.name or self.ref.split(":")[-1].rstrip("/").split("/")[-1]
+
+
+class WorldSpec(_Strict):
+    kind: Literal["micro"] = "micro"
+    seed: int = 0
+
+
+class CorpusSpec(_Strict):
+    kind: Literal["micro", "text_files", "jsonl"] = "micro"
+    paths: list[str] = Field(default_factory=list)  # text_files / jsonl: files (a domain per file stem)
+    text_field: str = "text"
+    max_docs_per_domain: int | None = None
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    min_chars: int = Field(20, ge=1)
+
+
+class FusionSpec(_Strict):
+    top_k: int = Field(10, ge=1, le=256)
+    alignment: str = "offsets"
+    vocab_map: str = "mined"
+    fusion: str = "mince"
+    avgce_weights: Literal["softmax_neg", "softmax_exp_neg"] = "softmax_neg"
+    score: Literal["ce", "bpb"] = "ce"
+    fallback_onehot: Literal["next_token", "current_token"] = "next_token"
+    duplicate_ids: Literal["sum", "first"] = "sum"
+    lam: float = Field(0.9, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    store_dtype: Literal["float16", "bfloat16"] = "float16"
+    extraction_batch_size: int = Field(8, ge=1)
+
+    @field_validator("alignment")
+    @classmethod
+    def _known_alignment(cls, v: str) -> str:
+        return _registered(v, ALIGNMENTS, ["dtw", "offsets"])
+
+    @field_validator("vocab_map")
+    @classmethod
+    def _known_vocab(cls, v: str) -> str:
+        return _registered(v, VOCAB_MAPS, ["em", "mined"])
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, v: str) -> str:
+        return _registered(v, FUSIONS, ["mince", "avgce"])
+
+
+def _registered(value: str, registry, builtin: list[str]) -> str:
+    names = set(registry.names()) | set(builtin)
+    if value not in names:
+        raise ValueError(f"unknown {registry.kind} {value!r}; registered: {', '.join(sorted(names))}")
+    return value
+
+
+class TrainingSpec(_Strict):
+    block_size: int = Field(256, ge=8)
+    per_device_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_ratio: float = Field(0.008, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    num_epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = -1
+    lr_scheduler: str = "cosine"
+    bf16: bool = False
+    packing: bool = True
+    reset_attention_across_documents: bool = False  # reference: packing without reset
+    add_bos: bool = False  # reference: no BOS, EOS appended
+    add_eos: bool = True
+    deepspeed: str | None = None  # zero2 | zero3 | path to a JSON config
+    logging_steps: int = Field(5, ge=1)
+
+
+class EnsembleSpec(_Strict):
+    enabled: bool = True
+    combiner: str = "mean"
+    members: list[str] | None = None  # source names; default all sources
+
+
+class MergeSpec(_Strict):
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DomainPoolSpec(_Strict):
+    """Structurally identical domain experts (the paper's Table 7): copies of the target trained per domain."""
+
+    enabled: bool = False
+    max_steps: int = Field(60, ge=1)
+
+
+class BaselinesSpec(_Strict):
+    clm: bool = True
+    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    domain_pool: DomainPoolSpec = Field(default_factory=DomainPoolSpec)
+    merges: list[MergeSpec] = Field(default_factory=list)
+
+
+class EvalSettingsSpec(_Strict):
+    batch_size: int = Field(1, ge=1)
+    dtype: str = "float32"
+    num_fewshot: int | None = None
+    seed: int = 1234
+    limit: int | None = Field(None, ge=1)
+    max_gen_toks: int = Field(64, ge=1)
+    bbh_variant: Literal["direct", "cot"] = "direct"
+
+
+class PerplexitySpec(_Strict):
+    enabled: bool = True
+    window: int = Field(256, ge=8)
+    stride: int = Field(128, ge=1)
+    max_docs_per_domain: int | None = 20
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must be <= window ({self.window})")
+        return self
+
+
+class EvaluationSpec(_Strict):
+    suites: list[str] = Field(default_factory=lambda: ["micro"])
+    settings: EvalSettingsSpec = Field(default_factory=EvalSettingsSpec)
+    perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
+    data_dir: str | None = None
+
+
+class TrackingSpec(_Strict):
+    uri: str | None = None  # default: sqlite store in the work dir
+    experiment: str | None = None  # default: the experiment name
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    seed: int = 0
+    workdir: str = ".fuselab"
+    world: WorldSpec | None = None
+    target: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    baselines: BaselinesSpec = Field(default_factory=BaselinesSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        labels = [s.label for s in self.sources]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"sources: names must be unique, repeated: {', '.join(dup)} (set sources.N.name)")
+        uses_micro = any(m.ref.startswith("micro:") for m in [self.target, *self.sources])
+        if (uses_micro or self.corpus.kind == "micro") and self.world is None:
+            raise ValueError("world: micro:* models or a micro corpus need `world: {kind: micro}`")
+        if self.corpus.kind != "micro" and not self.corpus.paths:
+            raise ValueError(f"corpus.paths: corpus kind {self.corpus.kind!r} needs at least one file")
+        if self.baselines.ensemble.enabled and self.baselines.ensemble.members:
+            unknown = sorted(set(self.baselines.ensemble.members) - set(labels))
+            if unknown:
+                raise ValueError(f"baselines.ensemble.members: unknown sources {unknown}; sources are {labels}")
+        if self.baselines.merges and not self.baselines.domain_pool.enabled:
+            raise ValueError(
+                "baselines.merges: merging needs structurally identical models; enable baselines.domain_pool "
+                "(copies of the target trained per domain)"
+            )
+        return self
+
+    def content_hash(self) -> str:
+        """Stable hash of the resolved config (independent of key order and of defaults being spelled out)."""
+        return stable_hash(self.model_dump(mode="json"))
+
+    def model_by_label(self, label: str) -> ModelSpec:
+        for spec in [self.target, *self.sources]:
+            if spec.label == label:
+                return spec
+        raise KeyError(label)
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: 0.8 -> float, true -> bool, [a, b] -> list, null -> None; plain words stay strings.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override value {text!r} is not valid YAML: {exc}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "<overrides>") -> dict:
+    """Apply `a.b.c=value` overrides to a raw config dict (lists indexed by number)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like key.path=value")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"{source}: override {item!r} has an empty key")
+        node: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"{source}: override {item!r}: {where} is not an index of a {len(node)}-item list")
+                node = node[int(key)]
+            elif isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                raise ConfigError(f"{source}: override {item!r}: {where} is not a section")
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"{source}: override {item!r}: {last} is not an index of a {len(node)}-item list")
+            node[int(last)] = _parse_value(raw)
+        elif isinstance(node, dict):
+            node[last] = _parse_value(raw)
+        else:
+            raise ConfigError(f"{source}: override {item!r}: {'.'.join(keys[:-1])} is not a section")
+    return data
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see docs/CONFIG.md)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err.get("input"), dict) else ""))
+    return f"{source}: " + "; ".join(parts)
+
+
+def validate_config(data: dict, source: str = "<config>") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> ExperimentConfig:
+    """Read, override, validate. `check_paths`: local model refs and corpus files must exist."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), list(overrides), source=path.name)
+    cfg = validate_config(data, source=path.name)
+    if check_paths:
+        check_local_paths(cfg, path.name, base=path.parent)
+    return cfg
+
+
+def looks_local(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf")
+
+
+def check_local_paths(cfg: ExperimentConfig, source: str, base: Path = Path(".")) -> None:
+    specs = [("target", cfg.target)] + [(f"sources.{i}", s) for i, s in enumerate(cfg.sources)]
+    for where, spec in specs:
+        if looks_local(spec.ref):
+            p = Path(spec.ref).expanduser()
+            if not p.exists():
+                raise ConfigError(f"{source}: {where}.ref: model path {spec.ref} does not exist")
+    for i, f in enumerate(cfg.corpus.paths):
+        if not Path(f).expanduser().exists():
+            raise ConfigError(f"{source}: corpus.paths.{i}: file {f} does not exist")
+    if cfg.evaluation.data_dir and not Path(cfg.evaluation.data_dir).expanduser().is_dir():
+        raise ConfigError(f"{source}: evaluation.data_dir: folder {cfg.evaluation.data_dir} does not exist")
