@@ -1,0 +1,165 @@
+"""`fuselab` command line: plan, run, study, report, ui, train, world.
+
+Configuration errors print one line naming the file and field, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "studies" / "micro_quickstart.yaml"
+
+
+def _config(args):
+    from harness.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_plan(args) -> int:
+    from harness.pipeline import build_plan
+
+    cfg = _config(args)
+    plan = build_plan(cfg)
+    table = plan.table()
+    try:
+        from harness.estimate import estimate
+
+        est = estimate(cfg)
+    except ImportError:
+        est = None
+    print(f"experiment {cfg.name} ({cfg.content_hash()}); cache {plan.cache.root}")
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        print(table.to_string(index=False))
+    if est is not None:
+        print("\nestimates:")
+        print(_format_estimate(est))
+    return 0
+
+
+def _format_estimate(est) -> str:
+    import pandas as pd
+
+    if isinstance(est, pd.DataFrame):
+        return est.to_string(index=False)
+    if isinstance(est, dict):
+        try:
+            return pd.DataFrame(est).T.to_string()
+        except ValueError:
+            return "\n".join(f"  {k}: {v}" for k, v in est.items())
+    return str(est)
+
+
+def cmd_run(args) -> int:
+    from harness.pipeline import run_experiment
+
+    cfg = _config(args)
+    result = run_experiment(cfg, progress=not args.quiet, track=not args.no_track)
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
+        print("\nResults (suite averages; bpb = bits per byte on held-out text, lower is better):")
+        print(result.results.to_string(index=False))
+    return 0
+
+
+def cmd_study(args) -> int:
+    from studies.runner import run_study
+
+    study = run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage)
+    print(f"study {study.study_name}: {len(study.trials)} trials")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import report_main
+
+    report_main(args.target, Path(args.workdir), Path(args.out))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from harness.report import ui_main  # noqa: F401  (ui lives with tracking/report helpers)
+
+    ui_main(Path(args.workdir), host=args.host, port=args.port, block=True)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from harness.launch import launch_training
+
+    return launch_training(args.config, args.overrides, launcher=args.launcher, nproc=args.nproc)
+
+
+def cmd_world(args) -> int:
+    from harness.micro import build_micro_world
+
+    w = build_micro_world(Path(args.root), seed=args.seed)
+    print(f"micro world at {w.root}: models {sorted(w.models)}, domains {w.domains}, target {w.target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuselab", description="FuseLLM fusion vs merging: benchmarks and ablations")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", nargs="?", default=str(QUICKSTART), help="experiment YAML (default: micro quickstart)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fusion.lam=0.8")
+
+    sp = sub.add_parser("plan", help="print the stages, which are cached, and estimates; runs nothing")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_plan)
+    sp = sub.add_parser("run", help="run (or resume) an experiment")
+    with_config(sp)
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("study", help="run (or resume / join) an Optuna study")
+    sp.add_argument("spec")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--n-trials", type=int, default=None)
+    sp.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the work dir)")
+    sp.set_defaults(fn=cmd_study)
+    sp = sub.add_parser("report", help="tables and plots for a run, experiment or study")
+    sp.add_argument("target")
+    sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"))
+    sp.add_argument("--out", default="reports")
+    sp.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("ui", help="open the MLflow UI on the project's store")
+    sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"))
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=5000)
+    sp.set_defaults(fn=cmd_ui)
+    sp = sub.add_parser("train", help="train the target under a launcher (DeepSpeed / torchrun)")
+    with_config(sp)
+    sp.add_argument("--launcher", choices=["torchrun", "deepspeed", "none"], default="torchrun")
+    sp.add_argument("--nproc", type=int, default=1)
+    sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("world", help="build the micro world only")
+    sp.add_argument("--root", default=".fuselab/world")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_world)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from harness.config import ConfigError
+    from harness.corpus import CorpusError
+    from harness.models import ModelLoadError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, CorpusError, ModelLoadError) as exc:
+        print(f"fuselab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""The experiment pipeline: an explicit plan of cached stages, then their execution.
+
+experiment YAML -> Config -> world -> corpus -> distributions (per model) -> vocab maps -> aligned (per source)
+-> fused -> train (FuseLLM, CLM-only) -> domain pool / merges -> evaluate (every model) -> report.
+
+`build_plan(cfg)` computes every stage's content-addressed key without running anything (so `fuselab plan`
+is free); `run_experiment(cfg)` executes the stages that are not cached, each into an atomic directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from harness.cache import StageCache, StageKey
+from harness.config import ExperimentConfig, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- plan
+@dataclass
+class Stage:
+    name: str  # e.g. "distributions/neox-code"
+    kind: str  # cache folder: "world", "corpus", "distributions", ...
+    key: StageKey
+    settings: dict
+    inputs: list[str] = field(default_factory=list)  # names of stages this one reads
+    estimate: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    cfg: ExperimentConfig
+    cache: StageCache
+    stages: dict[str, Stage]
+    world_key: StageKey | None
+
+    def cached(self, name: str) -> bool:
+        st = self.stages[name]
+        if st.kind == "world":
+            return self.cache.path(st.key).is_dir()
+        return self.cache.exists(st.key)
+
+    def path(self, name: str) -> Path:
+        return self.cache.path(self.stages[name].key)
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for st in self.stages.values():
+            rows.append({"stage": st.name, "key": st.key.key, "status": "cached" if self.cached(st.name) else "will run",
+                         **{k: v for k, v in st.estimate.items()}})
+        return pd.DataFrame(rows)
+
+
+def workdir(cfg: ExperimentConfig) -> Path:
+    return Path(os.environ.get("FUSELAB_WORKDIR", cfg.workdir)).expanduser().resolve()
+
+
+def _model_identity(spec: ModelSpec, world_key: StageKey | None) -> dict:
+    from harness import models
+    from harness.config import looks_local
+
+    if spec.ref.startswith("micro:"):
+        return {"micro": str(world_key), "name": spec.ref, "dtype": spec.dtype}
+    if looks_local(spec.ref) and not spec.ref.endswith(".gguf"):
+        return {"local": models.fingerprint(spec, str(Path(spec.ref).expanduser())), "dtype": spec.dtype}
+    if spec.ref.endswith(".gguf"):
+        p = Path(spec.ref).expanduser()
+        return {"gguf": p.name, "size": p.stat().st_size if p.exists() else None, "dtype": spec.dtype}
+    return {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
+
+
+def build_plan(cfg: ExperimentConfig) -> Plan:
+    cache = StageCache(workdir(cfg) / "cache")
+    stages: dict[str, Stage] = {}
+
+    def add(name: str, kind: str, settings: dict, inputs: list[str] = (), **estimate) -> Stage:
+        key = cache.key(kind, settings, [stages[i].key for i in inputs])
+        stages[name] = Stage(name, kind, key, settings, list(inputs), estimate)
+        return stages[name]
+
+    world_key = None
+    if cfg.world is not None:
+        from harness.micro import micro_world_version
+
+        world_key = add("world", "world", {"kind": cfg.world.kind, "seed": cfg.world.seed,
+                                           "version": micro_world_version()}).key
+    ident = {s.label: _model_identity(s, world_key) for s in [cfg.target, *cfg.sources]}
+    world_in = ["world"] if world_key else []
+    add("corpus", "corpus", {"corpus": cfg.corpus.model_dump(mode="json"), "block_size": cfg.training.block_size,
+                             "tokenizers": sorted(json.dumps(v, sort_keys=True) for v in ident.values()),
+                             "bos": cfg.training.add_bos, "eos": cfg.training.add_eos}, world_in)
+    f = cfg.fusion
+    models = [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]
+    for spec in models:
+        add(f"distributions/{spec.label}", "distributions",
+            {"model": ident[spec.label], "k": f.top_k, "dtype": f.store_dtype, "bos": cfg.training.add_bos,
+             "eos": cfg.training.add_eos}, ["corpus"])
+    fuse_inputs = [f"distributions/{cfg.target.label}"]
+    for spec in cfg.sources:
+        if spec.label == cfg.target.label:
+            continue  # the target is a candidate as itself (no alignment)
+        add(f"vocab/{spec.label}", "vocab", {"source": ident[spec.label], "target": ident[cfg.target.label],
+                                             "method": f.vocab_map}, world_in)
+        add(f"aligned/{spec.label}", "aligned",
+            {"alignment": f.alignment, "fallback": f.fallback_onehot, "duplicates": f.duplicate_ids},
+            ["corpus", f"distributions/{spec.label}", f"distributions/{cfg.target.label}", f"vocab/{spec.label}"])
+        fuse_inputs.append(f"aligned/{spec.label}")
+    add("fused", "fused", {"fusion": f.fusion, "weights": f.avgce_weights if f.fusion == "avgce" else None,
+                           "score": f.score, "top_k": f.top_k}, fuse_inputs)
+    train_settings = cfg.training.model_dump(mode="json")
+    tgt = {"target": ident[cfg.target.label], "seed": cfg.seed}
+    add("train/fusellm", "train", {**tgt, "training": train_settings, "lam": f.lam, "temperature": f.temperature},
+        ["fused"])
+    if cfg.baselines.clm:
+        add("train/clm", "train", {**tgt, "training": train_settings, "lam": 1.0}, ["corpus"])
+    pool = cfg.baselines.domain_pool
+    if pool.enabled:
+        add("domain_pool", "domain_pool", {**tgt, "training": train_settings, "max_steps": pool.max_steps}, ["corpus"])
+        for m in cfg.baselines.merges:
+            add(f"merge/{m.method}", "merge", {"method": m.method, "params": m.params}, ["domain_pool"])
+    ev = {"suites": cfg.evaluation.suites, "settings": cfg.evaluation.settings.model_dump(mode="json"),
+          "perplexity": cfg.evaluation.perplexity.model_dump(mode="json"), "data_dir": cfg.evaluation.data_dir}
+    for name in evaluated_models(cfg):
+        inputs = ["corpus"] + _model_stage(cfg, name)
+        add(f"eval/{name}", "eval", {**ev, "model": name, "ident": ident.get(name) or ident.get(name.split(":")[0])},
+            inputs + world_in)
+    return Plan(cfg, cache, stages, world_key)
+
+
+def evaluated_models(cfg: ExperimentConfig) -> list[str]:
+    """Every model of the comparison, in table order."""
+    names = [s.label for s in cfg.sources]
+    if cfg.target.label not in names:
+        names.insert(0, cfg.target.label)
+    if cfg.baselines.clm:
+        names.append("clm")
+    names.append("fusellm")
+    if cfg.baselines.ensemble.enabled and len(cfg.sources) > 1:
+        names.append("ensemble")
+    if cfg.baselines.domain_pool.enabled:
+        names.append("domain_pool")  # placeholder expanded at run time into one row per expert
+        names += [f"merge:{m.method}" for m in cfg.baselines.merges]
+    return names
+
+
+def _model_stage(cfg: ExperimentConfig, name: str) -> list[str]:
+    if name == "fusellm":
+        return ["train/fusellm"]
+    if name == "clm":
+        return ["train/clm"]
+    if name == "domain_pool":
+        return ["domain_pool"]
+    if name.startswith("merge:"):
+        return [f"merge/{name.split(':', 1)[1]}"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------- run
+@dataclass
+class ExperimentResult:
+    config: ExperimentConfig
+    results: pd.DataFrame
+    eval_long: pd.DataFrame
+    metrics: dict[str, float]
+    losses: dict[str, list[tuple[int, float]]]
+    stage_timings: dict[str, float]
+    run_dir: Path
+    cache_hits: int = 0
+    stages_run: int = 0
+
+
+class _Runner:
+    def __init__(self, plan: Plan, progress: bool, tracker=None):
+        self.plan = plan
+        self.cfg = plan.cfg
+        self.progress = progress
+        self.tracker = tracker
+        self.timings: dict[str, float] = {}
+        self.hits = 0
+        self.ran = 0
+        self._world = None
+        self._loaded: dict[str, Any] = {}
+
+    # -- helpers
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    def stage(self, name: str, build: Callable[[Path], None]) -> Path:
+        st = self.plan.stages[name]
+        if self.plan.cached(name):
+            self.hits += 1
+            self.say(f"  [cached] {name:<34} {st.key.key}")
+            return self.plan.path(name)
+        self.say(f"  [run]    {name:<34} {st.key.key}")
+        t0 = time.perf_counter()
+        with self.plan.cache.atomic_dir(st.key, meta={"stage": name, "settings": st.settings}) as tmp:
+            build(tmp)
+        dt = time.perf_counter() - t0
+        self.timings[name] = dt
+        self.ran += 1
+        self.say(f"           {name} done in {dt:.1f} s")
+        return self.plan.path(name)
+
+    @property
+    def world(self):
+        if self._world is None and self.cfg.world is not None:
+            from harness.micro import build_micro_world
+
+            root = self.plan.cache.path(self.plan.stages["world"].key)
+            if root.is_dir():
+                self.hits += 1
+                self.say(f"  [cached] {'world':<34} {root.name}")
+            else:
+                self.say(f"  [run]    {'world':<34} {root.name}")
+            t0 = time.perf_counter()
+            self._world = build_micro_world(root, seed=self.cfg.world.seed, progress=self.progress)
+            if "world" not in self.timings and time.perf_counter() - t0 > 1:
+                self.timings["world"] = time.perf_counter() - t0
+        return self._world
+
+    def spec(self, label: str) -> ModelSpec:
+        return self.cfg.model_by_label(label)
+
+    def tokenizer(self, label: str):
+        from harness.models import load_model
+
+        key = ("tok", label)
+        if key not in self._loaded:
+            self._loaded[key] = load_model(self.spec(label), world=self.world, with_weights=False).tokenizer
+        return self._loaded[key]
+
+    def model(self, label: str):
+        from harness.models import load_model
+
+        return load_model(self.spec(label), world=self.world)
+
+    # -- corpus
+    def corpus(self) -> dict[str, list[dict]]:
+        from harness.corpus import load_corpus_splits, save_jsonl, load_jsonl
+        from fusion.data import split_documents
+
+        def build(tmp: Path) -> None:
+            splits = load_corpus_splits(self.cfg.corpus, world=self.world, seed=self.cfg.seed)
+            toks = [self.tokenizer(s.label) for s in [self.cfg.target, *self.cfg.sources]]
+            for split, rows in splits.items():
+                out, doc_id = [], 0
+                for row in rows:
+                    pieces = split_documents([row["text"]], toks, self.cfg.training.block_size) if split == "train" else [row["text"]]
+                    for piece in pieces:
+                        out.append({"doc_id": doc_id, "domain": row["domain"], "text": piece})
+                        doc_id += 1
+                save_jsonl(tmp / f"{split}.jsonl", out)
+
+        path = self.stage("corpus", build)
+        return {p.stem: load_jsonl(p) for p in sorted(path.glob("*.jsonl"))}
+
+    # -- distributions
+    def distributions(self, label: str, train_rows: list[dict]) -> Path:
+        from fusion.distributions import extract_distributions
+
+        def build(tmp: Path) -> None:
+            import torch
+
+            torch.manual_seed(self.cfg.seed)
+            lm = self.model(label)
+            ds, stats = extract_distributions(
+                lm.model, lm.tokenizer, [r["text"] for r in train_rows], [r["doc_id"] for r in train_rows],
+                k=self.cfg.fusion.top_k, batch_size=self.cfg.fusion.extraction_batch_size,
+                store_dtype=self.cfg.fusion.store_dtype, progress=self.progress)
+            ds.save_to_disk(str(tmp / "dataset"))
+            (tmp / "stats.json").write_text(json.dumps(_asdict(stats), indent=2))
+
+        return self.stage(f"distributions/{label}", build)
+
+    def vocab(self, label: str) -> Path:
+        from fusion.vocab import build_vocab_map
+
+        def build(tmp: Path) -> None:
+            vm = build_vocab_map(self.cfg.fusion.vocab_map, self.tokenizer(label), self.tokenizer(self.cfg.target.label))
+            np.save(tmp / "source_to_target.npy", vm.source_to_target)
+            (tmp / "summary.json").write_text(json.dumps(
+                {"method": vm.method, "mapped": int((vm.source_to_target >= 0).sum()),
+                 "source_vocab": int(vm.source_to_target.shape[0])}))
+
+        return self.stage(f"vocab/{label}", build)
+
+    def aligned(self, label: str, train_rows: list[dict]) -> Path:
+        import datasets
+        from fusion.aligned import align_distribution
+        from fusion.distributions import topk_arrays
+        from fusion.registry import ALIGNMENTS
+        from fusion.tokens import tokenize_document
+        from fusion.vocab import VocabMap
+
+        def build(tmp: Path) -> None:
+            f = self.cfg.fusion
+            src_ds = datasets.load_from_disk(str(self.plan.path(f"distributions/{label}") / "dataset"))
+            vm = VocabMap(np.load(self.plan.path(f"vocab/{label}") / "source_to_target.npy"), f.vocab_map)
+            align_fn = ALIGNMENTS.get(f.alignment)
+            tgt_tok, src_tok = self.tokenizer(self.cfg.target.label), self.tokenizer(label)
+            bos, eos = self.cfg.training.add_bos, self.cfg.training.add_eos
+            by_id = {r["doc_id"]: r for r in train_rows}
+            out = {"doc_id": [], "ids": [], "probs": [], "ce": [], "bpb": []}
+            n_one_to_one = n_used = n_target = 0
+            for row in _iter(src_ds, self.progress, f"align {label}"):
+                text = by_id[row["doc_id"]]["text"]
+                tt = tokenize_document(tgt_tok, text, add_bos=bos, add_eos=eos)
+                st = tokenize_document(src_tok, text, add_bos=bos, add_eos=eos)
+                s_ids, s_lp, _ = topk_arrays(row, f.top_k)
+                al = align_fn(tt, st)
+                ids, probs = align_distribution(tt, st, s_ids, s_lp, al, vm, fallback_onehot=f.fallback_onehot,
+                                                duplicate_ids=f.duplicate_ids)
+                one = al.one_to_one()
+                n_one_to_one += int((one >= 0).sum())
+                n_target += len(tt)
+                out["doc_id"].append(row["doc_id"])
+                out["ids"].append(ids.reshape(-1).astype(np.int32))
+                out["probs"].append(probs.reshape(-1).astype(np.float32))
+                out["ce"].append(row["ce"])
+                out["bpb"].append(row["bpb"])
+            datasets.Dataset.from_dict(out).save_to_disk(str(tmp / "dataset"))
+            (tmp / "stats.json").write_text(json.dumps({"target_positions": n_target,
+                                                        "one_to_one_fraction": n_one_to_one / max(n_target, 1)}))
+
+        return self.stage(f"aligned/{label}", build)
+
+    def fused(self, train_rows: list[dict]) -> Path:
+        import datasets
+        from fusion.distributions import topk_arrays
+        from fusion.fuse import Candidate
+        from fusion.registry import FUSIONS
+        from fusion.tokens import tokenize_document
+
+        def build(tmp: Path) -> None:
+            f = self.cfg.fusion
+            k = f.top_k
+            tgt_label = self.cfg.target.label
+            tgt_ds = datasets.load_from_disk(str(self.plan.path(f"distributions/{tgt_label}") / "dataset"))
+            src_labels = [s.label for s in self.cfg.sources if s.label != tgt_label]
+            src_ds = {l: datasets.load_from_disk(str(self.plan.path(f"aligned/{l}") / "dataset")) for l in src_labels}
+            src_rows = {l: {r["doc_id"]: i for i, r in enumerate(ds.select_columns(["doc_id"]))} for l, ds in src_ds.items()}
+            fuse_fn = FUSIONS.get(f.fusion)
+            kwargs = {"top_k": k}
+            if f.fusion == "avgce":
+                kwargs["weights"] = f.avgce_weights
+            tok = self.tokenizer(tgt_label)
+            by_id = {r["doc_id"]: r for r in train_rows}
+            out = {"doc_id": [], "input_ids": [], "fused_ids": [], "fused_probs": [], "k": []}
+            chosen: dict[str, int] = {}
+            for row in _iter(tgt_ds, self.progress, "fuse"):
+                doc = row["doc_id"]
+                tt = tokenize_document(tok, by_id[doc]["text"], add_bos=self.cfg.training.add_bos,
+                                       add_eos=self.cfg.training.add_eos)
+                t_ids, t_lp, _ = topk_arrays(row, k)
+                cands = [Candidate(t_ids.astype(np.int32), np.exp(t_lp.astype(np.float32)), float(row[f.score]))]
+                names = [tgt_label]
+                for l in src_labels:
+                    r = src_ds[l][src_rows[l][doc]]
+                    ids = np.asarray(r["ids"], dtype=np.int32).reshape(len(tt), -1)
+                    probs = np.asarray(r["probs"], dtype=np.float32).reshape(len(tt), -1)
+                    cands.append(Candidate(ids, probs, float(r[f.score])))
+                    names.append(l)
+                if f.fusion == "mince":
+                    best = names[int(np.argmin([c.score for c in cands]))]
+                    chosen[best] = chosen.get(best, 0) + 1
+                ids, probs = fuse_fn(cands, **kwargs)
+                out["doc_id"].append(doc)
+                out["input_ids"].append(tt.ids.astype(np.int32))
+                out["fused_ids"].append(np.asarray(ids, dtype=np.int32).reshape(-1))
+                out["fused_probs"].append(np.asarray(probs, dtype=np.float32).reshape(-1))
+                out["k"].append(int(np.asarray(ids).shape[1]))
+            datasets.Dataset.from_dict(out).save_to_disk(str(tmp / "dataset"))
+            (tmp / "stats.json").write_text(json.dumps({"documents": len(out["doc_id"]), "mince_chosen": chosen}))
+
+        return self.stage("fused", build)
+
+    # -- training
+    def train(self, name: str, dataset_fn: Callable[[], Any], lam: float) -> Path:
+        from fusion.trainer import train_target
+
+        def build(tmp: Path) -> None:
+            lm = self.model(self.cfg.target.label)
+            res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", train_settings(self.cfg),
+                               lam=lam, temperature=self.cfg.fusion.temperature)
+            (tmp / "train_result.json").write_text(json.dumps(_asdict(res), indent=2, default=float))
+
+        return self.stage(name, build)
+
+    def clm_dataset(self, train_rows: list[dict]):
+        import datasets
+        from fusion.tokens import tokenize_document
+
+        tok = self.tokenizer(self.cfg.target.label)
+        ids = [tokenize_document(tok, r["text"], add_bos=self.cfg.training.add_bos,
+                                 add_eos=self.cfg.training.add_eos).ids.astype(np.int32) for r in train_rows]
+        return datasets.Dataset.from_dict({"doc_id": [r["doc_id"] for r in train_rows], "input_ids": ids})
+
+    def domain_pool(self, train_rows: list[dict]) -> Path:
+        from baselines.domain_pool import train_domain_experts
+
+        def build(tmp: Path) -> None:
+            by_domain: dict[str, list[str]] = {}
+            for r in train_rows:
+                by_domain.setdefault(r["domain"], []).append(r["text"])
+            settings = train_settings(self.cfg, max_steps=self.cfg.baselines.domain_pool.max_steps)
+            lm = self.model(self.cfg.target.label)
+            experts = train_domain_experts(lm.path, by_domain, tmp / "experts", settings, lm.tokenizer)
+            (tmp / "experts.json").write_text(json.dumps({d: str(Path(p).relative_to(tmp)) for d, p in experts.items()}))
+
+        return self.stage("domain_pool", build)
+
+    def experts(self) -> dict[str, Path]:
+        root = self.plan.path("domain_pool")
+        return {d: root / p for d, p in json.loads((root / "experts.json").read_text()).items()}
+
+    def merge(self, method: str, params: dict) -> Path:
+        from baselines.merging import merge_models
+
+        def build(tmp: Path) -> None:
+            experts = self.experts()
+            base = Path(self.model_path(self.cfg.target.label))
+            merge_models([experts[d] for d in sorted(experts)], method, tmp / "model", base_model=base, params=params)
+
+        return self.stage(f"merge/{method}", build)
+
+    def model_path(self, label: str) -> str:
+        from harness.models import resolve
+
+        return resolve(self.spec(label), world=self.world)
+
+    # -- evaluation
+    def evaluate(self, name: str, rows_by_domain: dict[str, list[str]]) -> pd.DataFrame:
+        def build(tmp: Path) -> None:
+            frames, ppl = [], []
+            for label, lm_obj, tok_model in self.eval_models(name):
+                frames.append(self.run_suites(label, lm_obj))
+                if self.cfg.evaluation.perplexity.enabled and tok_model is not None:
+                    ppl.append(self.run_perplexity(label, tok_model, rows_by_domain))
+            long = pd.concat(frames + ppl, ignore_index=True) if frames or ppl else pd.DataFrame()
+            long.to_csv(tmp / "eval_long.csv", index=False)
+
+        path = self.stage(f"eval/{name}", build)
+        return pd.read_csv(path / "eval_long.csv")
+
+    def eval_models(self, name: str):
+        """Yield (row label, model for lm-eval (folder path or LM), (model, tokenizer) for perplexity or None)."""
+        from harness.models import load_model
+
+        if name == "fusellm" or name == "clm":
+            folder = self.plan.path(f"train/{name}") / "model"
+            yield name, str(folder), _load_folder(folder)
+        elif name == "ensemble":
+            from baselines.ensemble import EnsembleLM
+
+            members = self.cfg.baselines.ensemble.members or [s.label for s in self.cfg.sources]
+            loaded = [load_model(self.spec(m), world=self.world) for m in members]
+            pivot = self.tokenizer(self.cfg.target.label)
+            lm = EnsembleLM(members=[(l.model, l.tokenizer) for l in loaded], pivot_tokenizer=pivot,
+                            combiner=self.cfg.baselines.ensemble.combiner, alignment=self.cfg.fusion.alignment,
+                            vocab_map=self.cfg.fusion.vocab_map, batch_size=self.cfg.evaluation.settings.batch_size)
+            yield name, lm, None
+        elif name == "domain_pool":
+            for domain, folder in sorted(self.experts().items()):
+                yield f"expert:{domain}", str(folder), _load_folder(folder)
+        elif name.startswith("merge:"):
+            folder = self.plan.path(f"merge/{name.split(':', 1)[1]}") / "model"
+            yield name, str(folder), _load_folder(folder)
+        else:
+            lm = load_model(self.spec(name), world=self.world)
+            yield name, lm.path, (lm.model, lm.tokenizer)
+
+    def run_suites(self, label: str, model) -> pd.DataFrame:
+        from harness.evaluation import EvalSettings, evaluate
+
+        suites = self.cfg.evaluation.suites
+        if not suites:
+            return pd.DataFrame()
+        s = self.cfg.evaluation.settings
+        settings = EvalSettings(batch_size=s.batch_size, dtype=s.dtype, num_fewshot=s.num_fewshot, seed=s.seed,
+                                limit=s.limit, max_gen_toks=s.max_gen_toks, bbh_variant=s.bbh_variant)
+        include = [self.world.tasks_dir] if self.world is not None else []
+        data_dir = Path(self.cfg.evaluation.data_dir).expanduser() if self.cfg.evaluation.data_dir else None
+        df = evaluate(model, list(suites), settings, data_dir=data_dir, include_paths=include, model_name=label)
+        df["model"] = label
+        return df
+
+    def run_perplexity(self, label: str, model_tok, rows_by_domain: dict[str, list[str]]) -> pd.DataFrame:
+        from harness.evaluation import perplexity_by_domain
+
+        p = self.cfg.evaluation.perplexity
+        model, tok = model_tok
+        df = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
+                                  batch_size=max(1, self.cfg.evaluation.settings.batch_size))
+        rows = []
+        for _, r in df.iterrows():
+            for metric in ("bits_per_byte", "token_perplexity"):
+                rows.append({"model": label, "suite": "perplexity", "task": r["domain"], "metric": metric,
+                             "value": float(r[metric]), "stderr": float("nan"), "n": int(r["n_tokens"])})
+        return pd.DataFrame(rows)
+
+
+def _load_folder(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+def _iter(ds, progress: bool, desc: str):
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(ds, desc=f"           {desc}", leave=False)
+    return ds
+
+
+def _asdict(obj) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(obj):
+        return asdict(obj)
+    return dict(obj) if isinstance(obj, dict) else {"value": str(obj)}
+
+
+def train_settings(cfg: ExperimentConfig, **overrides):
+    from fusion.trainer import TrainSettings
+
+    t = cfg.training
+    fields = dict(block_size=t.block_size, per_device_batch_size=t.per_device_batch_size, grad_accum=t.grad_accum,
+                  lr=t.lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                  num_epochs=t.num_epochs, max_steps=t.max_steps, seed=cfg.seed, lr_scheduler=t.lr_scheduler,
+                  bf16=t.bf16, packing=t.packing, logging_steps=t.logging_steps, deepspeed=t.deepspeed)
+    fields.update(overrides)
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    extra = {"reset_attention_across_documents": t.reset_attention_across_documents, "add_bos": t.add_bos,
+             "add_eos": t.add_eos}
+    fields.update({k: v for k, v in extra.items() if k in names})
+    return TrainSettings(**{k: v for k, v in fields.items() if k in names})
+
+
+PRIMARY_METRICS = ("acc", "exact_match", "pass@1", "acc_norm")
+
+
+def summarize(long: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """One row per model: suite averages (primary metric per task, averaged over tasks) and bits per byte per domain."""
+    rows = []
+    for model in models:
+        sub = long[long["model"] == model]
+        row: dict[str, Any] = {"model": model}
+        for suite, g in sub[sub["suite"] != "perplexity"].groupby("suite", sort=False):
+            vals = []
+            for _, tg in g.groupby("task", sort=False):
+                for m in PRIMARY_METRICS:
+                    hit = tg[tg["metric"] == m]["value"].dropna()
+                    if len(hit):
+                        vals.append(float(hit.iloc[0]))
+                        break
+            row[suite] = float(np.mean(vals)) if vals else float("nan")
+        bpb = sub[(sub["suite"] == "perplexity") & (sub["metric"] == "bits_per_byte")]
+        for _, r in bpb.iterrows():
+            row[f"bpb_{r['task']}"] = float(r["value"])
+        if len(bpb):
+            row["bpb_avg"] = float(bpb["value"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def method_of(model: str, cfg: ExperimentConfig) -> str:
+    if model == "fusellm":
+        return "FuseLLM"
+    if model == "clm":
+        return "CLM-only"
+    if model == "ensemble":
+        return "ensemble"
+    if model.startswith("merge:"):
+        return "merge"
+    if model.startswith("expert:"):
+        return "domain expert"
+    return "target" if model == cfg.target.label else "source"
+
+
+def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | None = None,
+                   progress: bool = True, track: bool = True) -> ExperimentResult:
+    """Run (or resume) the whole comparison and return its results; every stage is cached."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    plan = build_plan(cfg)
+    plan.cache.clean_stale()
+    run_dir = workdir(cfg) / "runs" / f"{cfg.name}-{cfg.content_hash()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tracker is None and track:
+        from harness.tracking import Tracker
+
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, workdir(cfg))
+    if tracker is None:
+        return _execute(plan, run_dir, progress, None)
+    with tracker.run(cfg.name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
+                     tags={"fuselab.kind": "experiment", "fuselab.config_hash": cfg.content_hash()}):
+        tracker.log_config(cfg)
+        result = _execute(plan, run_dir, progress, tracker)
+        _track_result(tracker, result, cfg)
+        return result
+
+
+def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentResult:
+    cfg = plan.cfg
+    t_all = time.perf_counter()
+    r = _Runner(plan, progress, tracker)
+    if progress:
+        print(f"FuseLab experiment {cfg.name} ({cfg.content_hash()}), cache {plan.cache.root}", flush=True)
+    _ = r.world
+    corpus = r.corpus()
+    train_rows = corpus["train"]
+    for spec in [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]:
+        r.distributions(spec.label, train_rows)
+    for spec in cfg.sources:
+        if spec.label != cfg.target.label:
+            r.vocab(spec.label)
+            r.aligned(spec.label, train_rows)
+    fused_path = r.fused(train_rows)
+
+    def fused_dataset():
+        import datasets
+
+        return datasets.load_from_disk(str(fused_path / "dataset"))
+
+    r.train("train/fusellm", fused_dataset, lam=cfg.fusion.lam)
+    if cfg.baselines.clm:
+        r.train("train/clm", lambda: r.clm_dataset(train_rows), lam=1.0)
+    if cfg.baselines.domain_pool.enabled:
+        r.domain_pool(train_rows)
+        for m in cfg.baselines.merges:
+            r.merge(m.method, m.params)
+    held_out = corpus.get("validation", [])
+    limit = cfg.evaluation.perplexity.max_docs_per_domain
+    by_domain: dict[str, list[str]] = {}
+    for row in held_out:
+        lst = by_domain.setdefault(row["domain"], [])
+        if limit is None or len(lst) < limit:
+            lst.append(row["text"])
+    frames = [r.evaluate(name, by_domain) for name in evaluated_models(cfg)]
+    long = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    models = list(dict.fromkeys(long["model"])) if len(long) else []
+    results = summarize(long, models)
+    results.insert(1, "method", [method_of(m, cfg) for m in results["model"]])
+    losses = {}
+    for name in ("fusellm", "clm"):
+        p = plan.path(f"train/{name}") / "train_result.json" if f"train/{name}" in plan.stages else None
+        if p is not None and p.is_file():
+            losses[name] = [tuple(x) for x in json.loads(p.read_text()).get("losses", [])]
+    metrics: dict[str, float] = {}
+    for _, row in results.iterrows():
+        for col in results.columns[2:]:
+            if isinstance(row[col], (int, float)) and not math.isnan(row[col]):
+                metrics[f"{row['model']}/{col}"] = float(row[col])
+    timings = dict(r.timings)
+    timings["total"] = time.perf_counter() - t_all
+    results.to_csv(run_dir / "results.csv", index=False)
+    long.to_csv(run_dir / "eval_long.csv", index=False)
+    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    if progress:
+        print(f"\nstages run {r.ran}, cached {r.hits}, total {timings['total']:.1f} s; results in {run_dir}")
+    return ExperimentResult(cfg, results, long, metrics, losses, timings, run_dir, r.hits, r.ran)
+
+
+def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> None:
+    tracker.log_metrics(result.metrics)
+    tracker.log_metrics({f"stage_seconds/{k}": v for k, v in result.stage_timings.items()})
+    tracker.log_metrics({"cache_hits": result.cache_hits, "stages_run": result.stages_run})
+    for name, pts in result.losses.items():
+        tracker.log_curve(f"{name}/train_loss", pts)
+    tracker.log_table(result.results, "results.csv")
+    tracker.log_table(result.eval_long, "eval_long.csv")
