@@ -1,0 +1,70 @@
+"""A source model's top-k distributions moved onto the target's tokenization and vocabulary."""
+from __future__ import annotations
+
+import numpy as np
+
+from .align import Alignment
+from .fuse import merge_slots
+from .tokens import TokenizedText
+from .vocab import VocabMap
+
+FALLBACK_ONEHOT = ("next_token", "current_token")
+DUPLICATE_IDS = ("sum", "first")
+
+
+def align_distribution(target: TokenizedText, source: TokenizedText, source_ids: np.ndarray,
+                       source_logprobs: np.ndarray, alignment: Alignment, vocab_map: VocabMap,
+                       fallback_onehot: str = "next_token", duplicate_ids: str = "sum") -> tuple[np.ndarray, np.ndarray]:
+    """The source's top-k at each target position, in target ids; a one-hot where the source cannot speak.
+
+    source_ids int [n_s, k], source_logprobs float [n_s, k] (nats), from the source's own tokenization.
+    A target position t uses the source's top-k when `alignment.one_to_one()[t] = s >= 0` and the source token
+    maps to the target token (`vocab_map.source_to_target[source.ids[s]] == target.ids[t]`): probabilities
+    exp(logprobs), ids mapped through the vocab map, unmapped ids dropped, several source ids landing on one
+    target id summed (`duplicate_ids="sum"`) or only the first kept (`"first"`, the reference).
+    Any other position gets a one-hot on `target.ids[t+1]` (`fallback_onehot="next_token"`: position t predicts
+    token t+1; the last position gets an all-zero row) or on `target.ids[t]` (`"current_token"`, the reference's bug).
+    Returns ids int32 [n_t, k], probs float32 [n_t, k], rows sorted by probability; empty slots id 0 prob 0.
+    """
+    if fallback_onehot not in FALLBACK_ONEHOT:
+        raise ValueError(f"fallback_onehot must be one of {FALLBACK_ONEHOT}, got {fallback_onehot!r}")
+    if duplicate_ids not in DUPLICATE_IDS:
+        raise ValueError(f"duplicate_ids must be one of {DUPLICATE_IDS}, got {duplicate_ids!r}")
+    n_t, n_s = len(target.ids), len(source.ids)
+    if alignment.n_target != n_t or alignment.n_source != n_s:
+        raise ValueError(f"alignment is for {alignment.n_target} target x {alignment.n_source} source tokens, "
+                         f"but the documents have {n_t} target and {n_s} source tokens")
+    if source_ids.shape != source_logprobs.shape or source_ids.ndim != 2 or source_ids.shape[0] != n_s:
+        raise ValueError(f"source_ids {source_ids.shape} and source_logprobs {source_logprobs.shape} must be "
+                         f"[n_source={n_s}, k]: were they extracted from the same tokenization?")
+    k = source_ids.shape[1]
+    s2t = vocab_map.source_to_target
+    if n_s and (source.ids.max() >= len(s2t) or source_ids.max() >= len(s2t)):
+        raise ValueError(f"source ids reach {max(source.ids.max(), source_ids.max())} but the vocab map covers "
+                         f"{len(s2t)} source ids: the vocab map was built for another source tokenizer")
+
+    ids = np.zeros((n_t, k), dtype=np.int32)
+    probs = np.zeros((n_t, k), dtype=np.float32)
+    src_pos = alignment.one_to_one()
+    eligible = src_pos >= 0
+    eligible[eligible] = s2t[source.ids[src_pos[eligible]]] == target.ids[eligible]
+    rows = np.flatnonzero(eligible)
+    if len(rows):
+        mapped = s2t[source_ids[src_pos[rows]]]                                   # [m, k], -1 = unmapped
+        p = np.exp(source_logprobs[src_pos[rows]].astype(np.float64))
+        p[mapped < 0] = 0.0
+        if duplicate_ids == "first":
+            # A slot is dropped when an earlier slot of the same row already mapped to the same target id.
+            same = mapped[:, :, None] == mapped[:, None, :]
+            earlier = np.tril(np.ones((k, k), dtype=bool), -1)
+            p[(same & earlier).any(axis=2)] = 0.0
+        ids[rows], probs[rows] = merge_slots(np.where(mapped < 0, 0, mapped), p, k)
+
+    fallback = np.flatnonzero(~eligible)
+    if fallback_onehot == "next_token":
+        fallback = fallback[fallback < n_t - 1]
+        ids[fallback, 0] = target.ids[fallback + 1]
+    else:
+        ids[fallback, 0] = target.ids[fallback]
+    probs[fallback, 0] = 1.0
+    return ids, probs

@@ -1,0 +1,124 @@
+"""The FuseLLM training objective: lambda * CLM + (1 - lambda) * soft cross-entropy to the fused top-k.
+
+The reference implementation densifies every fused distribution to [B, L, |V|] in the collator. The soft
+cross-entropy only needs the student's log-probabilities at the K fused ids: a gather of [B, L, K] values
+from the log_softmax the CLM term computes anyway, so the target is never densified.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, L] -> the label each position predicts, [B, L]: position t gets labels[t+1], the last -100.
+
+    Same convention as transformers' ForCausalLMLoss, which shifts inside the loss.
+    """
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def valid_fusion_positions(labels: torch.Tensor, fused_probs: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: positions whose next token is a training target and whose fused row has mass.
+
+    labels [B, L] (unshifted, -100 = ignore); fused_probs [B, L, K].
+    """
+    return (shift_labels(labels) != IGNORE_INDEX) & (fused_probs.sum(dim=-1) > 0)
+
+
+def clm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The HF causal-LM loss in nats per predicted token (scalar).
+
+    logits [B, L, V]; labels [B, L] with -100 = ignore, shifted inside. With `num_items_in_batch` (the number of
+    predicted tokens over all gradient-accumulation micro-batches) it is sum / num_items, as the HF Trainer does.
+    The operations mirror `transformers.loss.loss_utils.ForCausalLMLoss` one for one so that lambda = 1 is
+    bit-identical to the model's own `forward(labels=...)` loss.
+    """
+    vocab_size = logits.shape[-1]
+    flat_logits = logits.float().view(-1, vocab_size)
+    targets = shift_labels(labels).contiguous().view(-1).to(flat_logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")
+    total = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _nll_from_logprobs(logprobs: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    vocab_size = logprobs.shape[-1]
+    targets = shift_labels(labels).contiguous().view(-1).to(logprobs.device)
+    flat = logprobs.view(-1, vocab_size)
+    if num_items_in_batch is None:
+        return F.nll_loss(flat, targets, ignore_index=IGNORE_INDEX, reduction="mean")
+    total = F.nll_loss(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def fused_target(fused_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fused_probs [B, L, K] -> the target distribution over the K slots, p^(1/T) renormalised, [B, L, K] float32.
+
+    All-zero rows stay all-zero (they carry no target and are masked out of the loss).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    probs = fused_probs.float()
+    if temperature != 1.0:
+        probs = probs.pow(1.0 / temperature)
+    total = probs.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, probs / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(probs))
+
+
+def soft_cross_entropy_sum(logprobs: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Tensor,
+                           fused_probs: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over valid positions of -sum_k q_k * logprobs[id_k], and the number of valid positions.
+
+    logprobs [B, L, V] (the student's log_softmax, float32); labels [B, L]; fused_ids [B, L, K] (int);
+    fused_probs [B, L, K]. Returns (nats summed over positions, scalar float32; count, scalar int64).
+    """
+    if fused_ids.shape != fused_probs.shape or fused_ids.shape[:2] != logprobs.shape[:2]:
+        raise ValueError(f"fused_ids {tuple(fused_ids.shape)} and fused_probs {tuple(fused_probs.shape)} must both "
+                         f"be [B, L, K] with B, L of logits {tuple(logprobs.shape)}")
+    valid = valid_fusion_positions(labels, fused_probs)
+    target = fused_target(fused_probs, temperature) * valid.unsqueeze(-1)        # [B, L, K]
+    student = logprobs.gather(-1, fused_ids.to(logprobs.device).long())          # [B, L, K]
+    return -(target * student).sum(), valid.sum()
+
+
+def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Tensor | None,
+                fused_probs: torch.Tensor | None, lam: float, temperature: float = 1.0,
+                num_items_in_batch=None, num_fused_in_batch=None) -> dict[str, torch.Tensor]:
+    """lam * CLM + (1 - lam) * soft-CE(student, fused top-k renormalised with temperature), in nats per token.
+
+    logits [B, L, V]; labels [B, L] (-100 = ignore, HF convention: shifted inside); fused_ids [B, L, K] int;
+    fused_probs [B, L, K] (position t = distribution of token t+1; rows summing to 0 are ignored).
+    The fusion term is a mean over valid positions (next label != -100 and row mass > 0), or, under gradient
+    accumulation, sum / `num_fused_in_batch` (valid positions over all micro-batches), like the CLM term's
+    `num_items_in_batch`.
+    Returns {"loss", "clm_loss", "fusion_loss"}. With lam = 1 the fusion term is not computed at all
+    ("fusion_loss" is absent and fused_ids/fused_probs may be None): "loss" is exactly the HF CLM loss.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam (the CLM weight lambda) must be in [0, 1], got {lam}")
+    if lam == 1.0:
+        clm = clm_loss(logits, labels, num_items_in_batch)
+        return {"loss": clm, "clm_loss": clm}
+    if fused_ids is None or fused_probs is None:
+        raise ValueError(f"lam={lam} < 1 needs fused_ids and fused_probs (a fused dataset); "
+                         "only lam=1 (CLM-only) trains from input_ids alone")
+    # One log_softmax serves both terms (cross_entropy is log_softmax + nll_loss inside), so the fusion term
+    # costs a [B, L, K] gather on top of the CLM loss and no second pass over the vocabulary.
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    clm = _nll_from_logprobs(logprobs, labels, num_items_in_batch)
+    total, count = soft_cross_entropy_sum(logprobs, labels, fused_ids, fused_probs, temperature)
+    denominator = num_fused_in_batch if num_fused_in_batch is not None else count
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    # No valid row (e.g. a batch of one-token documents): the term is 0 but stays in the graph.
+    fused = total / denominator if int(denominator) > 0 else total * 0.0
+    loss = lam * clm + (1.0 - lam) * fused
+    return {"loss": loss, "clm_loss": clm, "fusion_loss": fused}

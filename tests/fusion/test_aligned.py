@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from fusion.align import Alignment
+from fusion.aligned import align_distribution
+from fusion.tokens import TokenizedText
+from fusion.vocab import VocabMap
+
+
+def text(ids):
+    ids = np.array(ids, dtype=np.int32)
+    return TokenizedText(ids=ids, tokens=[f"t{i}" for i in ids], offsets=np.zeros((len(ids), 2), np.int64),
+                         marker="▁", n_bytes=len(ids))
+
+
+TARGET = text([10, 11, 12, 13])
+SOURCE = text([20, 21, 22])
+S2T = np.full(30, -1, dtype=np.int32)
+S2T[[20, 21, 22, 25, 26, 27]] = [10, 11, 13, 12, 12, 14]
+VOCAB = VocabMap(S2T, "em")
+SRC_IDS = np.array([[25, 26, 28], [27, 20, 21], [21, 20, 29]], dtype=np.int32)
+SRC_LOGPROBS = np.log(np.array([[0.5, 0.25, 0.125], [0.4, 0.3, 0.2], [0.5, 0.25, 0.125]], dtype=np.float32))
+
+
+def alignment(pairs, n_t=4, n_s=3):
+    return Alignment(np.array(pairs, dtype=np.int32), n_t, n_s)
+
+
+def run(pairs, **kw):
+    return align_distribution(TARGET, SOURCE, SRC_IDS, SRC_LOGPROBS, alignment(pairs), VOCAB, **kw)
+
+
+def test_one_to_one_and_many_to_one():
+    # t2 shares s1 with t1 (many-to-1, still 1-to-1 from the target's side) but s1 maps to 11, not 12 -> one-hot
+    ids, probs = run([(0, 0), (1, 1), (2, 1), (3, 2)])
+    np.testing.assert_array_equal(ids, [[12, 0, 0], [14, 10, 11], [13, 0, 0], [11, 10, 0]])
+    np.testing.assert_allclose(probs, [[0.75, 0, 0], [0.4, 0.3, 0.2], [1, 0, 0], [0.5, 0.25, 0]], rtol=1e-6)
+    assert ids.dtype == np.int32 and probs.dtype == np.float32
+
+
+def test_duplicate_ids_first_is_reference():
+    ids, probs = run([(0, 0), (1, 1), (2, 1), (3, 2)], duplicate_ids="first")
+    np.testing.assert_array_equal(ids[0], [12, 0, 0])
+    np.testing.assert_allclose(probs[0], [0.5, 0, 0], rtol=1e-6)
+
+
+def test_current_token_fallback_is_reference_bug():
+    ids, probs = run([(0, 0), (1, 1), (2, 1), (3, 2)], fallback_onehot="current_token")
+    np.testing.assert_array_equal(ids[2], [12, 0, 0])
+    np.testing.assert_allclose(probs[2], [1, 0, 0])
+
+
+def test_one_to_many_falls_back_and_last_position_is_empty():
+    # t1 -> {s1, s2} (1-to-many): one-hot; t3 -> s1 maps to 11 != 13: last position, next_token -> all zero
+    ids, probs = run([(0, 0), (1, 1), (1, 2), (2, 2), (3, 1)])
+    np.testing.assert_array_equal(ids, [[12, 0, 0], [12, 0, 0], [13, 0, 0], [0, 0, 0]])
+    np.testing.assert_allclose(probs, [[0.75, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]], rtol=1e-6)
+    ids_ref, probs_ref = run([(0, 0), (1, 1), (1, 2), (2, 2), (3, 1)], fallback_onehot="current_token")
+    np.testing.assert_array_equal(ids_ref[:, 0], [12, 11, 12, 13])
+    np.testing.assert_allclose(probs_ref[1:, 0], [1, 1, 1])
+
+
+def test_errors_name_the_mismatch():
+    with pytest.raises(ValueError, match="alignment is for 4 target x 2 source"):
+        align_distribution(TARGET, SOURCE, SRC_IDS, SRC_LOGPROBS, alignment([(0, 0)], 4, 2), VOCAB)
+    with pytest.raises(ValueError, match="vocab map covers 25"):
+        align_distribution(TARGET, SOURCE, SRC_IDS, SRC_LOGPROBS, alignment([(0, 0)]), VocabMap(S2T[:25], "em"))
+    with pytest.raises(ValueError, match="fallback_onehot"):
+        run([(0, 0)], fallback_onehot="previous")
