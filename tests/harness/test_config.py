@@ -1,0 +1,168 @@
+"""Experiment config: validation messages name the culprit, overrides, stable hashing."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.config import ConfigError, apply_overrides, load_config, validate_config
+from harness.models import ModelLoadError, load_model
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "studies" / "micro_quickstart.yaml"
+
+
+def _write(tmp_path: Path, data: dict, name: str = "exp.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return p
+
+
+def _minimal(**extra) -> dict:
+    base = {"name": "t", "world": {"kind": "micro"}, "target": {"ref": "micro:a"},
+            "sources": [{"ref": "micro:a"}, {"ref": "micro:b"}]}
+    base.update(extra)
+    return base
+
+
+def test_quickstart_config_loads_and_hash_is_stable():
+    a = load_config(QUICKSTART)
+    b = load_config(QUICKSTART)
+    assert a.content_hash() == b.content_hash()
+    assert len(a.content_hash()) == 16
+    assert a.fusion.lam == 0.9 and a.fusion.top_k == 10
+
+
+def test_hash_ignores_key_order_and_spelled_out_defaults(tmp_path):
+    plain = _minimal()
+    spelled = dict(reversed(list(_minimal(fusion={"lam": 0.9, "top_k": 10}).items())))
+    h1 = load_config(_write(tmp_path, plain, "a.yaml")).content_hash()
+    h2 = load_config(_write(tmp_path, spelled, "b.yaml")).content_hash()
+    assert h1 == h2
+    h3 = load_config(_write(tmp_path, _minimal(fusion={"lam": 0.8}), "c.yaml")).content_hash()
+    assert h3 != h1
+
+
+def test_unknown_key_names_field_and_file(tmp_path):
+    p = _write(tmp_path, _minimal(fusion={"lamda": 0.9}), "typo.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert msg.startswith("typo.yaml: fusion.lamda: unknown key")
+    assert "\n" not in msg
+
+
+def test_wrong_type_names_field(tmp_path):
+    p = _write(tmp_path, _minimal(training={"block_size": "big"}))
+    with pytest.raises(ConfigError, match=r"^exp\.yaml: training\.block_size: .*integer.*'big'"):
+        load_config(p)
+
+
+def test_out_of_range_and_unregistered_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"fusion\.lam: .*less than or equal to 1"):
+        load_config(_write(tmp_path, _minimal(fusion={"lam": 1.5})))
+    with pytest.raises(ConfigError, match=r"fusion\.fusion: unknown fusion function 'maxce'; registered: avgce, mince"):
+        load_config(_write(tmp_path, _minimal(fusion={"fusion": "maxce"})))
+
+
+def test_missing_model_path_names_field(tmp_path):
+    data = {"name": "t", "target": {"ref": "./no/such/model"}, "sources": [{"ref": "/also/missing.gguf"}],
+            "corpus": {"kind": "text_files", "paths": [str(tmp_path)]}}
+    with pytest.raises(ConfigError, match=r"^exp\.yaml: target\.ref: model path \./no/such/model does not exist$"):
+        load_config(_write(tmp_path, data))
+
+
+def test_missing_required_and_impossible_combination(tmp_path):
+    with pytest.raises(ConfigError, match=r"target: required field is missing"):
+        load_config(_write(tmp_path, {"name": "t", "sources": [{"ref": "x/y"}]}))
+    # micro models without a micro world
+    data = _minimal()
+    del data["world"]
+    with pytest.raises(ConfigError, match=r"world: micro:\* models or a micro corpus need"):
+        load_config(_write(tmp_path, data))
+    # merging without a structurally identical pool
+    with pytest.raises(ConfigError, match=r"baselines\.merges: merging needs structurally identical models"):
+        load_config(_write(tmp_path, _minimal(baselines={"merges": [{"method": "linear"}]})))
+    # duplicate source names
+    with pytest.raises(ConfigError, match=r"sources: names must be unique, repeated: a"):
+        load_config(_write(tmp_path, _minimal(sources=[{"ref": "micro:a"}, {"ref": "micro:a"}])))
+
+
+def test_overrides_typed_and_indexed():
+    data = _minimal()
+    out = apply_overrides(data, ["fusion.lam=0.8", "sources.1.ref=micro:c", "evaluation.suites=[micro, bbh]",
+                                 "training.bf16=true"])
+    cfg = validate_config(out)
+    assert cfg.fusion.lam == 0.8
+    assert cfg.sources[1].ref == "micro:c"
+    assert cfg.evaluation.suites == ["micro", "bbh"]
+    assert cfg.training.bf16 is True
+    assert data["sources"][1]["ref"] == "micro:b"  # the input is not mutated
+
+
+@pytest.mark.parametrize("override, message", [
+    ("fusion.lam", "override 'fusion.lam' must look like key.path=value"),
+    ("sources.7.ref=x", "override 'sources.7.ref=x': sources.7 is not an index of a 2-item list"),
+    ("name.first=x", "override 'name.first=x': name is not a section"),
+    ("fusion..lam=1", "override 'fusion..lam=1' has an empty key"),
+])
+def test_invalid_override_names_it(override, message):
+    with pytest.raises(ConfigError) as exc:
+        apply_overrides(_minimal(), [override], source="exp.yaml")
+    assert str(exc.value) == f"exp.yaml: {message}"
+
+
+def test_override_to_unknown_key_is_rejected_by_validation(tmp_path):
+    with pytest.raises(ConfigError, match=r"^exp\.yaml: fusion\.lamb: unknown key"):
+        load_config(_write(tmp_path, _minimal()), ["fusion.lamb=0.5"])
+
+
+def test_non_fast_tokenizer_names_model(tmp_path, sp_tokenizer):
+    from transformers import ByT5Tokenizer
+
+    import tiny
+    from harness.config import ModelSpec
+
+    folder = tmp_path / "slowtok"
+    tiny.save_pair(tiny.tiny_model("llama", sp_tokenizer), sp_tokenizer, folder)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    ByT5Tokenizer().save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match=r"model slowtok: tokenizer ByT5Tokenizer is not a fast tokenizer"):
+        load_model(ModelSpec(ref=str(folder)))
+
+
+def test_pickle_weights_refused_unless_opted_in(tmp_path, sp_tokenizer):
+    import tiny
+    from harness.config import ModelSpec
+
+    folder = tmp_path / "picklemodel"
+    model = tiny.tiny_model("llama", sp_tokenizer)
+    import torch
+
+    model.config.save_pretrained(folder)
+    sp_tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"model picklemodel: .* holds only pickle weights"):
+        load_model(ModelSpec(ref=str(folder)))
+
+
+def test_empty_corpus_names_file(tmp_path):
+    from harness.corpus import CorpusError, load_corpus_splits
+    from harness.config import CorpusSpec
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(CorpusError, match=rf"corpus\.paths\.0: {empty} holds no document"):
+        load_corpus_splits(CorpusSpec(kind="text_files", paths=[str(empty)]))
+
+
+def test_cli_prints_one_line_error_and_exits_2(tmp_path):
+    p = _write(tmp_path, _minimal(fusion={"lamda": 0.9}), "typo.yaml")
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "plan", str(p)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("fuselab: error: typo.yaml: fusion.lamda: unknown key")
