@@ -1,0 +1,109 @@
+"""Perplexity per domain with sliding windows: token perplexity and bits per byte.
+
+Convention for the first token: each text is scored as `[context] + tokens(text)` where the context token is the
+tokenizer's BOS (or EOS when it has no BOS, as for GPT-2 style tokenizers: EOS is then the document separator the
+model saw in training). Every token of the text is scored, no EOS is appended (its cost is not tied to any byte).
+A tokenizer with neither BOS nor EOS leaves the first text token unscored (it has no context).
+
+Windows: a text of N positions (context token included) is cut into windows starting at 0, stride, 2*stride, ...
+of up to `window` positions; a window scores only the tokens after the previous window's end, so each token is
+scored exactly once, the first scored token of a later window with (window - stride) tokens of context. Per-window
+sums are accumulated in float64 in window order, so any batch_size gives the same totals (up to matmul rounding).
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+
+def _context_token(tokenizer) -> int | None:
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return None
+
+
+def _model_max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def sliding_windows(n_positions: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window over positions [0, n_positions): position 0 is never a target; the
+    targets of a window are positions [first_scored, end), disjoint across windows and covering 1..n_positions-1."""
+    if not 0 < stride <= window:
+        raise ValueError(f"perplexity: need 0 < stride <= window, got window={window}, stride={stride}")
+    windows, begin, scored_until = [], 0, 1
+    while scored_until < n_positions:
+        end = min(begin + window, n_positions)
+        if end > scored_until:
+            windows.append((begin, end, scored_until))
+            scored_until = end
+        begin += stride
+    return windows
+
+
+@torch.inference_mode()
+def _window_nll(model, batch: list[list[int]], first_targets: list[int], pad_id: int, device) -> list[float]:
+    length = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = input_ids[:, 1:].to(device)
+    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
+    sums = []
+    for row, ids in enumerate(batch):
+        # logits at position p predict token p+1: targets [first, len) are read at [first-1, len-1).
+        sums.append(-float(token_lp[row, first_targets[row] - 1: len(ids) - 1].sum()))
+    return sums
+
+
+def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]], *, window: int = 256,
+                         stride: int = 128, batch_size: int = 8) -> pd.DataFrame:
+    """Score held-out texts per domain with an HF causal LM.
+
+    Returns one row per domain: domain, n_tokens (scored tokens), n_bytes (utf-8 bytes of the texts),
+    nll_nats (total negative log-likelihood, nats), token_perplexity = exp(nll_nats / n_tokens),
+    bits_per_byte = nll_nats / (ln 2 * n_bytes) (the figure comparable across tokenizers).
+    window/stride are in tokens; batch_size is windows per forward pass and does not change the result.
+    """
+    max_positions = _model_max_positions(model)
+    if max_positions is not None and window > max_positions:
+        raise ValueError(f"perplexity: window={window} exceeds the model's {max_positions} positions; lower window")
+    if batch_size < 1:
+        raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}")
+    model.eval()
+    device = next(model.parameters()).device
+    context = _context_token(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (context or 0)
+    rows = []
+    for domain, texts in texts_by_domain.items():
+        jobs: list[tuple[list[int], int]] = []
+        n_tokens = n_bytes = 0
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            sequence = ([context] if context is not None else []) + list(ids)
+            n_bytes += len(text.encode("utf-8"))
+            n_tokens += len(sequence) - 1
+            for begin, end, first in sliding_windows(len(sequence), window, stride):
+                jobs.append((sequence[begin:end], first - begin))
+        sums: list[float] = []
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start: start + batch_size]
+            sums.extend(_window_nll(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id, device))
+        nll = math.fsum(sums)
+        rows.append({"domain": domain, "n_tokens": n_tokens, "n_bytes": n_bytes, "nll_nats": nll,
+                     "token_perplexity": math.exp(nll / n_tokens) if n_tokens else math.nan,
+                     "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else math.nan})
+    return pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
+                                       "bits_per_byte"])

@@ -1,0 +1,207 @@
+"""`evaluate`: score a model on FuseLab's suites (BBH, CommonSense, MultiPL-E) or any include-path lm-eval task.
+
+lm-eval is the scorer: every suite becomes lm-eval task YAML over local data (taskgen.py) and one
+`lm_eval.simple_evaluate` call per suite, seeded from `EvalSettings.seed`, turned into a tidy DataFrame.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .data import BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, resolve_suite_data
+from .multipl_e import available_languages, toolchain_problem
+from .taskgen import (bbh_group_name, bbh_task_name, commonsense_task_name, multipl_e_task_name,
+                      write_suite_tasks)
+
+COLUMNS = ["model", "suite", "task", "metric", "value", "stderr", "n", "note"]
+# lm-eval's own task names, used when the data comes from the HF cache or the hub instead of local files.
+BUILTIN_TASK_NAMES = {
+    ("bbh", "direct"): [f"bbh_fewshot_{t}" for t in BBH_TASKS],
+    ("bbh", "cot"): [f"bbh_cot_fewshot_{t}" for t in BBH_TASKS],
+    ("commonsense", None): list(COMMONSENSE_FILES),
+}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Evaluation settings pinned per study (lm-eval scores change with batch size and few-shot count)."""
+
+    batch_size: int = 1
+    dtype: str = "float32"
+    num_fewshot: int | None = None      # None = suite default (bbh 3, commonsense 0, multipl_e always 0)
+    seed: int = 1234
+    limit: int | None = None            # examples per task
+    device: str = "cpu"
+    bbh_variant: str = "direct"         # or "cot": chain-of-thought prompts from the data's cot-prompts/
+    multipl_e_languages: tuple[str, ...] = field(default_factory=available_languages)
+    max_gen_toks: int = 256             # tokens generated per example (bbh, multipl_e)
+
+
+def suite_tasks(suite: str, settings: EvalSettings) -> list[str]:
+    """The lm-eval task names a local run of `suite` scores (group excluded), in order.
+
+    MultiPL-E lists only the languages of `settings.multipl_e_languages` whose toolchain exists here.
+    """
+    if suite == "bbh":
+        return [bbh_task_name(t, settings.bbh_variant) for t in BBH_TASKS]
+    if suite == "commonsense":
+        return [commonsense_task_name(t) for t in COMMONSENSE_FILES]
+    if suite == "multipl_e":
+        return [multipl_e_task_name(lang) for lang in settings.multipl_e_languages if toolchain_problem(lang) is None]
+    raise ValueError(f"suite_tasks knows the built-in suites {', '.join(BUILTIN_SUITES)}, not {suite!r}; "
+                     "other suites are lm-eval task/group names from include_paths")
+
+
+@contextlib.contextmanager
+def _code_eval_allowed():
+    # Set only while FuseLab's own MultiPL-E path runs, restored afterwards.
+    previous = os.environ.get("HF_ALLOW_CODE_EVAL")
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = previous
+
+
+def _as_lm(model, settings: EvalSettings):
+    from lm_eval.api.model import LM
+
+    if isinstance(model, LM):
+        return model
+    if isinstance(model, (str, Path)):
+        from lm_eval.models.huggingface import HFLM
+
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"evaluate(model={str(model)!r}): not an HF model folder (no config.json); pass "
+                                    "a saved model folder or an lm_eval.api.model.LM instance")
+        return HFLM(pretrained=str(path), dtype=settings.dtype, device=settings.device,
+                    batch_size=settings.batch_size)
+    raise TypeError(f"evaluate(model=...) takes an HF folder path or an lm_eval LM instance, not {type(model).__name__}")
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def results_to_frame(results: dict, suite: str, model_name: str) -> pd.DataFrame:
+    """lm-eval's results dict -> tidy rows (tasks and groups). Metric names drop lm-eval's ",none" filter suffix;
+    another filter is kept as a suffix (e.g. "exact_match_get-answer")."""
+    n_samples = results.get("n-samples", {})
+    subtasks = results.get("group_subtasks", {})
+
+    def count(task: str) -> int:
+        if task in n_samples:
+            return int(n_samples[task]["effective"])
+        return sum(count(t) for t in subtasks.get(task, []))
+
+    rows = []
+    for section in ("results", "groups"):
+        for task, metrics in results.get(section, {}).items():
+            if section == "groups" and task in results.get("results", {}):
+                continue
+            for key, value in metrics.items():
+                if "," not in key or "_stderr," in key:
+                    continue
+                metric, filter_name = key.split(",", 1)
+                name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+                rows.append({"model": model_name, "suite": suite, "task": task, "metric": name,
+                             "value": _number(value), "stderr": _number(metrics.get(f"{metric}_stderr,{filter_name}")),
+                             "n": count(task), "note": ""})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _not_run_rows(model_name: str, languages: tuple[str, ...]) -> list[dict]:
+    return [{"model": model_name, "suite": "multipl_e", "task": multipl_e_task_name(lang), "metric": "pass@1",
+             "value": math.nan, "stderr": math.nan, "n": 0, "note": f"not run: {toolchain_problem(lang)}"}
+            for lang in languages]
+
+
+def _write_samples(samples: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, items in samples.items():
+        with open(folder / f"{task}.jsonl", "w") as fh:
+            for item in items:
+                fh.write(json.dumps(item, default=str, ensure_ascii=False) + "\n")
+
+
+def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
+             include_paths: list[Path] = (), model_name: str | None = None,
+             log_samples_dir: Path | None = None, task_dir: Path | None = None) -> pd.DataFrame:
+    """Score `model` on `suites` with lm-eval; returns tidy rows (model, suite, task, metric, value, stderr, n, note).
+
+    model: an HF model folder (str/Path) or an `lm_eval.api.model.LM` instance (e.g. the output ensemble).
+    suites: "bbh", "commonsense", "multipl_e", or lm-eval task/group names found in `include_paths` (e.g. "micro").
+    Values are fractions in [0, 1] (acc, acc_norm, exact_match, pass@1); `n` is examples scored; group rows (task =
+    group name) are macro averages. A MultiPL-E language without a toolchain gets value NaN and a "not run" note.
+    task_dir: where generated task YAML goes (default: a temporary folder, removed afterwards).
+    Data resolution and the offline error: see data.py. Deterministic for fixed settings.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if isinstance(suites, str):
+        suites = [suites]
+    lm = _as_lm(model, settings)
+    model_name = model_name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
+    frames = []
+    with contextlib.ExitStack() as stack:
+        root = Path(task_dir) if task_dir is not None else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fuselab-tasks-")))
+        for suite in suites:
+            unsafe = False
+            num_fewshot = None
+            if suite in BUILTIN_SUITES:
+                languages = settings.multipl_e_languages if suite == "multipl_e" else ()
+                runnable = tuple(lang for lang in languages if toolchain_problem(lang) is None)
+                if suite == "multipl_e":
+                    frames.append(pd.DataFrame(_not_run_rows(model_name, tuple(
+                        lang for lang in languages if lang not in runnable)), columns=COLUMNS))
+                    if not runnable:
+                        continue
+                source = resolve_suite_data(suite, data_dir, runnable)
+                if source.kind == "local" or suite == "multipl_e":
+                    folder, group, _ = write_suite_tasks(
+                        suite, source.root, root, bbh_variant=settings.bbh_variant, num_fewshot=settings.num_fewshot,
+                        max_gen_toks=settings.max_gen_toks, languages=runnable)
+                    manager = TaskManager(include_path=[str(folder)], include_defaults=False)
+                    tasks = [group]
+                else:
+                    manager = TaskManager()
+                    tasks = BUILTIN_TASK_NAMES[(suite, settings.bbh_variant if suite == "bbh" else None)]
+                    num_fewshot = settings.num_fewshot
+                unsafe = suite == "multipl_e"
+            else:
+                manager = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
+                if suite not in manager.all_tasks:
+                    raise ValueError(f"evaluate: suite {suite!r} is neither a built-in suite ({', '.join(BUILTIN_SUITES)}) "
+                                     f"nor an lm-eval task/group in include_paths={[str(p) for p in include_paths]}")
+                tasks = [suite]
+                num_fewshot = settings.num_fewshot
+            with _code_eval_allowed() if unsafe else contextlib.nullcontext():
+                results = simple_evaluate(
+                    model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=settings.batch_size,
+                    device=settings.device, limit=settings.limit, task_manager=manager,
+                    log_samples=log_samples_dir is not None, random_seed=settings.seed,
+                    numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+                    fewshot_random_seed=settings.seed, confirm_run_unsafe_code=unsafe, verbosity="WARNING")
+            if log_samples_dir is not None and results.get("samples"):
+                _write_samples(results["samples"], Path(log_samples_dir) / suite)
+            frames.append(results_to_frame(results, suite, model_name))
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.concat(frames, ignore_index=True)
