@@ -35,6 +35,7 @@ class StageCache:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._redirects: dict[StageKey, Path] = {}
 
     @staticmethod
     def key(stage: str, settings: Any, input_keys: list[StageKey | str] = ()) -> StageKey:
@@ -43,7 +44,11 @@ class StageCache:
         return StageKey(stage, stable_hash(payload))
 
     def path(self, key: StageKey) -> Path:
-        return self.root / key.stage / key.key
+        return self._redirects.get(key, self.root / key.stage / key.key)
+
+    def redirect(self, key: StageKey, path: Path) -> None:
+        """Keep one stage's output elsewhere (e.g. one micro world shared by many work dirs)."""
+        self._redirects[key] = Path(path)
 
     def exists(self, key: StageKey) -> bool:
         return (self.path(key) / COMPLETE).is_file()

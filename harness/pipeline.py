@@ -95,6 +95,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
 
         world_key = add("world", "world", {"kind": cfg.world.kind, "seed": cfg.world.seed,
                                            "version": micro_world_version()}).key
+        shared = os.environ.get("FUSELAB_WORLD_CACHE")  # one world shared by several work dirs (tests, studies)
+        if shared:
+            cache.redirect(world_key, Path(shared).expanduser().resolve() / world_key.key)
     ident = {s.label: _model_identity(s, world_key) for s in [cfg.target, *cfg.sources]}
     world_in = ["world"] if world_key else []
     add("corpus", "corpus", {"corpus": cfg.corpus.model_dump(mode="json"), "block_size": cfg.training.block_size,
@@ -511,6 +514,13 @@ class _Runner:
         return pd.DataFrame(rows)
 
 
+def _import_registered_methods() -> None:
+    # Registries fill on import: make every built-in method available by name.
+    import fusion.align  # noqa: F401
+    import fusion.fuse  # noqa: F401
+    import fusion.vocab  # noqa: F401
+
+
 def _load_folder(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -600,6 +610,7 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
     import torch
 
     torch.manual_seed(cfg.seed)
+    _import_registered_methods()
     plan = build_plan(cfg)
     plan.cache.clean_stale()
     run_dir = workdir(cfg) / "runs" / f"{cfg.name}-{cfg.content_hash()}"

@@ -14,6 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+# One micro world for the whole test session (and later sessions on the same checkout): the pipeline keeps
+# the world stage there instead of in each test's work dir. Determinism tests build their own worlds.
+os.environ.setdefault("FUSELAB_WORLD_CACHE", str(Path(__file__).resolve().parents[1] / ".fuselab" / "test-worlds"))
+
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
@@ -49,3 +53,14 @@ def tiny_llama_dir(tmp_path_factory, sp_tokenizer):
 def tiny_gpt2_dir(tmp_path_factory, bpe_tokenizer):
     model = tiny.tiny_model("gpt2", bpe_tokenizer, seed=1)
     return tiny.save_pair(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def micro_world():
+    """The micro world at the seed the quickstart uses, built once (cached across sessions in .fuselab/)."""
+    from harness.cache import StageCache
+    from harness.micro import build_micro_world, micro_world_version
+
+    key = StageCache.key("world", {"kind": "micro", "seed": 0, "version": micro_world_version()})
+    root = Path(os.environ["FUSELAB_WORLD_CACHE"]) / key.key
+    return build_micro_world(root, seed=0, progress=False)
