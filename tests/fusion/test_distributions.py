@@ -89,3 +89,11 @@ def test_byte_level_model(bpe_tokenizer):
     ids, lp, tail = topk_arrays(ds[1], 3)
     assert ids.shape == (ds[1]["n_tokens"], 3) and (np.diff(lp, axis=1) <= 0).all() and (tail >= 0).all()
     assert stats.tokens_per_s > 0 and stats.flops_per_s > 0
+
+
+def test_tokenization_is_tokenize_document(sp_tokenizer, bpe_tokenizer):
+    from fusion.distributions import document_ids
+    from fusion.tokens import tokenize_document
+
+    for tok in (sp_tokenizer, bpe_tokenizer):
+        assert document_ids(tok, TEXTS) == [tokenize_document(tok, t).ids.tolist() for t in TEXTS]
