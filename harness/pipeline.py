@@ -691,6 +691,18 @@ def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentRe
 
 
 def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> None:
+    # One nested run per model/method, so the MLflow UI compares them side by side.
+    for _, row in result.results.iterrows():
+        model = str(row["model"])
+        with tracker.run(model, nested=True, tags={"fuselab.method": row["method"], "fuselab.model": model,
+                                                   "fuselab.experiment": cfg.name}):
+            tracker.log_metrics({c: float(row[c]) for c in result.results.columns[2:]
+                                 if isinstance(row[c], (int, float)) and not math.isnan(row[c])})
+            if model in result.losses:
+                tracker.log_curve("train_loss", result.losses[model])
+            sub = result.eval_long[result.eval_long["model"] == model]
+            tracker.log_metrics({f"{r.suite}/{r.task}/{r.metric}": float(r.value) for r in sub.itertuples()
+                                 if isinstance(r.value, (int, float)) and not math.isnan(r.value)})
     tracker.log_metrics(result.metrics)
     tracker.log_metrics({f"stage_seconds/{k}": v for k, v in result.stage_timings.items()})
     tracker.log_metrics({"cache_hits": result.cache_hits, "stages_run": result.stages_run})

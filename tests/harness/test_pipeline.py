@@ -1,0 +1,108 @@
+"""The pipeline end to end on the micro world, at a small budget: every stage, caching, kill -9 resume,
+determinism from the seed, and `fuselab plan`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.config import load_config
+from harness.pipeline import build_plan, run_experiment
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "studies" / "micro_quickstart.yaml"
+
+# Small but complete: every stage and baseline runs; sizes cut so one run takes about a minute on 2 cores.
+SMALL = [
+    "corpus.max_docs_per_domain=10",
+    "training.max_steps=6",
+    "training.per_device_batch_size=4",
+    "baselines.domain_pool.max_steps=3",
+    "evaluation.settings.limit=6",
+    "evaluation.settings.max_gen_toks=8",
+    "evaluation.perplexity.max_docs_per_domain=3",
+]
+
+
+def small_config(workdir: Path, *extra: str):
+    return load_config(QUICKSTART, [f"workdir={workdir}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, micro_world):
+    wd = tmp_path_factory.mktemp("pipeline-a")
+    return wd, run_experiment(small_config(wd), progress=False)
+
+
+def test_every_method_gets_a_row(first_run):
+    _, res = first_run
+    models = list(res.results["model"])
+    assert models[:3] == ["llama-docs", "neox-code", "gpt2-arithmetic"]
+    assert {"clm", "fusellm", "ensemble", "merge:linear", "merge:ties"} <= set(models)
+    assert {m for m in models if m.startswith("expert:")} == {"expert:arithmetic", "expert:code", "expert:docs"}
+    methods = dict(zip(res.results["model"], res.results["method"]))
+    assert methods["llama-docs"] == "target" and methods["neox-code"] == "source" and methods["fusellm"] == "FuseLLM"
+    assert {"micro", "bpb_docs", "bpb_code", "bpb_arithmetic", "bpb_avg"} <= set(res.results.columns)
+    # the ensemble has no single tokenizer: no bits per byte, but task scores
+    ens = res.results.set_index("model").loc["ensemble"]
+    assert 0.0 <= ens["micro"] <= 1.0
+    assert res.metrics["fusellm/bpb_avg"] == pytest.approx(res.results.set_index("model").loc["fusellm", "bpb_avg"])
+    assert len(res.losses["fusellm"]) >= 1 and len(res.losses["clm"]) >= 1
+
+
+def test_rerun_is_fully_cached(first_run):
+    wd, res = first_run
+    again = run_experiment(small_config(wd), progress=False)
+    assert again.stages_run == 0
+    pd.testing.assert_frame_equal(again.results, res.results)
+
+
+def test_changing_lambda_retrains_without_reextracting(first_run):
+    wd, _ = first_run
+    plan = build_plan(small_config(wd, "fusion.lam=0.5"))
+    will_run = sorted(n for n in plan.stages if not plan.cached(n))
+    assert will_run == ["eval/fusellm", "train/fusellm"]
+
+
+def test_same_seed_from_empty_cache_gives_identical_metrics(first_run, tmp_path):
+    _, res = first_run
+    other = run_experiment(small_config(tmp_path / "b"), progress=False)
+    assert other.stages_run > 0 and other.metrics == res.metrics
+
+
+def test_killed_run_resumes_to_the_same_outputs(first_run, tmp_path):
+    _, res = first_run
+    wd = tmp_path / "killed"
+    args = [sys.executable, "-m", "harness.cli", "run", str(QUICKSTART), f"workdir={wd}", *SMALL, "--no-track"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[run]    train/fusellm" in line:  # kill in the middle of training
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    plan = build_plan(small_config(wd))
+    assert plan.cached("fused") and not plan.cached("train/fusellm")
+    resumed = run_experiment(small_config(wd), progress=False, track=False)
+    # the stages finished before the kill are not recomputed
+    assert "fused" not in resumed.stage_timings and "train/fusellm" in resumed.stage_timings
+    assert resumed.metrics == res.metrics
+
+
+def test_plan_cli_shows_cached_and_pending_stages(first_run):
+    wd, _ = first_run
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "plan", str(QUICKSTART), f"workdir={wd}", *SMALL,
+                          "fusion.fusion=avgce"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.strip() and ln.split()[0].count("/") <= 1}
+    assert "cached" in lines["corpus"] and "cached" in lines["distributions/neox-code"]
+    assert "will run" in lines["fused"] and "will run" in lines["train/fusellm"]
+    assert "cached" in lines["train/clm"]
