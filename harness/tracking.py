@@ -1,0 +1,462 @@
+"""MLflow tracking for every FuseLab run: one `Tracker` per process, runs nested by explicit parent ids.
+
+Why a client, not MLflow's fluent API: the fluent API keeps one global active run per thread, which
+breaks when a study worker opens a trial run, the pipeline opens its own runs below it, and a second
+tracker (another store) lives in the same process (tests). Here every call names its run id.
+
+Default store: `sqlite:///<workdir>/mlflow.db`, artifacts under `<workdir>/mlartifacts`; `fuselab ui`
+(`ui_main`) serves that store.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pandas as pd
+
+if TYPE_CHECKING:  # config imports the fusion registries; keep `import harness.tracking` light
+    from harness.config import ExperimentConfig
+
+MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (3.17)
+MAX_KEY_CHARS = 250  # MAX_ENTITY_KEY_LENGTH
+MAX_TAG_VALUE_CHARS = 8000  # MAX_TAG_VAL_LENGTH
+PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
+METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
+
+TAG_ROLE = "fuselab.role"  # "experiment" | "method" | "study" | "trial" | "report"
+TAG_STUDY = "fuselab.study"
+TAG_CONFIG_HASH = "fuselab.config_hash"
+TAG_EXPERIMENT = "fuselab.experiment"
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI uses to nest runs
+
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """`sqlite:///<absolute workdir>/mlflow.db` (the directory is created)."""
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def sanitize_name(name: str) -> str:
+    """A metric/param key MLflow accepts: only `[/\\w.\\- :]`, no empty, `.`/`..` or leading-`/` segments,
+    at most 250 characters. `eval/bbh (3-shot)` -> `eval/bbh _3-shot_`."""
+    text = _BAD_NAME_CHARS.sub("_", str(name))
+    # MLflow rejects names that normalise to another path (`a//b`, `./a`, `a/..`).
+    parts = [p for p in text.split("/") if p not in ("", ".", "..")]
+    text = "/".join(parts) or "_"
+    return text[:MAX_KEY_CHARS]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> `{"a.b.0.c": value}` (lists indexed like config overrides). Empty
+    containers are kept as their own value so that `merges: []` still shows up."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict) and obj:
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(obj, (list, tuple)) and obj:
+        for i, value in enumerate(obj):
+            out.update(flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix or "value"] = obj
+    return out
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (processes on this machine); used around SQLite schema creation, which
+    races when two workers open a fresh database at the same moment."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URL, else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def _lock_for(uri: str, workdir: Path) -> Path:
+    db = sqlite_path(uri)
+    return db.with_name(db.name + ".lock") if db else Path(workdir) / ".tracking.lock"
+
+
+class Tracker:
+    """Logs to one MLflow experiment of one tracking store.
+
+    `uri`: any MLflow tracking URI (`None` -> `default_tracking_uri(workdir)`); `experiment`: created on
+    first use with its artifacts under `<workdir>/mlartifacts`; `workdir`: scratch space for artifacts.
+    Runs opened with `run()` form a stack: `log_*` calls go to the innermost open run unless `run_id` is
+    given.
+    """
+
+    def __init__(self, uri: str | None, experiment: str, workdir: Path):
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.workdir = Path(workdir).expanduser().resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.uri = uri or default_tracking_uri(self.workdir)
+        if not experiment or not str(experiment).strip():
+            raise ValueError("Tracker: experiment name is empty (set tracking.experiment or the experiment name)")
+        self.experiment_name = str(experiment)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._stack: list[str] = []
+        with file_lock(_lock_for(self.uri, self.workdir)):
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        self.experiment_name, artifact_location=(self.workdir / "mlartifacts").as_uri()
+                    )
+                except MlflowException:  # another host created it between our two calls
+                    self.experiment_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    raise ValueError(
+                        f"MLflow experiment {self.experiment_name!r} in {self.uri} is deleted; restore it "
+                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use another name"
+                    )
+                self.experiment_id = exp.experiment_id
+
+    # -- runs -------------------------------------------------------------------------------------
+    @property
+    def active_run_id(self) -> str | None:
+        return self._stack[-1] if self._stack else None
+
+    def _rid(self, run_id: str | None) -> str:
+        rid = run_id or self.active_run_id
+        if rid is None:
+            raise RuntimeError("Tracker: no run is open; call inside `with tracker.run(...)` or pass run_id")
+        return rid
+
+    def start_run(self, name: str, *, tags: dict | None = None, parent_run_id: str | None = None) -> str:
+        """Create a RUNNING run (not pushed on the stack); returns its id. `run()` is the usual way."""
+        all_tags = {"mlflow.runName": name, "mlflow.source.name": "fuselab", "mlflow.user": _user()}
+        all_tags.update({k: _tag_value(v) for k, v in (tags or {}).items()})
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def run(self, name: str, *, nested: bool = False, tags: dict | None = None, parent_run_id: str | None = None):
+        """Open a run; yields the `mlflow.entities.Run`. `nested=True` without `parent_run_id` nests under
+        the innermost open run. On an exception the run ends FAILED (KILLED for Ctrl-C) with a
+        `traceback.txt` artifact and the exception propagates."""
+        if parent_run_id is None and nested:
+            parent_run_id = self.active_run_id
+            if parent_run_id is None:
+                raise RuntimeError(f"Tracker.run({name!r}, nested=True): no open run to nest under")
+        run_id = self.start_run(name, tags=tags, parent_run_id=parent_run_id)
+        self._stack.append(run_id)
+        try:
+            yield self.client.get_run(run_id)
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            with contextlib.suppress(Exception):  # never mask the real error with a logging error
+                self.log_text("".join(traceback.format_exception(exc)), "traceback.txt", run_id=run_id)
+                self.client.set_tag(run_id, "fuselab.error", _tag_value(f"{type(exc).__name__}: {exc}"))
+            with contextlib.suppress(Exception):
+                self.end_run(run_id, status)
+            raise
+        else:
+            self.end_run(run_id, "FINISHED")
+        finally:
+            self._stack.remove(run_id)
+
+    # -- values -----------------------------------------------------------------------------------
+    def set_tags(self, tags: dict, run_id: str | None = None) -> None:
+        from mlflow.entities import RunTag
+
+        rid = self._rid(run_id)
+        items = [RunTag(sanitize_name(k) if not k.startswith("mlflow.") else k, _tag_value(v)) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(rid, tags=items[i : i + PARAMS_PER_BATCH])
+
+    def log_params(self, params: dict, run_id: str | None = None) -> None:
+        """Nested dicts are flattened to dotted keys; values are stringified and cut at 6000 characters
+        (MLflow's limit). Logging an existing key again with the same value is a no-op."""
+        from mlflow.entities import Param
+
+        rid = self._rid(run_id)
+        existing = self.client.get_run(rid).data.params
+        items = []
+        for key, value in flatten(params).items():
+            key = sanitize_name(key)
+            text = _param_value(value)
+            if existing.get(key) == text:
+                continue
+            if key in existing:
+                raise ValueError(
+                    f"Tracker.log_params: param {key!r} of run {rid} is already {existing[key]!r}, cannot change "
+                    f"it to {text!r} (MLflow params are immutable; log it as a metric or in a nested run)"
+                )
+            items.append(Param(key, text))
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(rid, params=items[i : i + PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+        """Scalar metrics; names MLflow rejects are sanitised (`sanitize_name`); `None` values are skipped.
+        A non-numeric value raises, naming the metric."""
+        from mlflow.entities import Metric
+
+        rid = self._rid(run_id)
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            items.append(Metric(sanitize_name(key), _as_float(key, value), now, int(step or 0)))
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            self.client.log_batch(rid, metrics=items[i : i + METRICS_PER_BATCH])
+
+    def log_curve(self, name: str, points: list[tuple[int, float]], run_id: str | None = None) -> None:
+        """A metric history: `points` = [(step, value)], e.g. the training loss per optimizer step."""
+        from mlflow.entities import Metric
+
+        rid = self._rid(run_id)
+        key = sanitize_name(name)
+        now = int(time.time() * 1000)
+        items = [Metric(key, _as_float(name, v), now, int(s)) for s, v in points]
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            self.client.log_batch(rid, metrics=items[i : i + METRICS_PER_BATCH])
+
+    # -- artifacts --------------------------------------------------------------------------------
+    def log_artifact(self, path: Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+        """A file or a whole folder (its contents go under `artifact_path`)."""
+        rid = self._rid(run_id)
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Tracker.log_artifact: {path} does not exist")
+        if path.is_dir():
+            self.client.log_artifacts(rid, str(path), artifact_path)
+        else:
+            self.client.log_artifact(rid, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
+        rid = self._rid(run_id)
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            local = Path(tmp) / Path(artifact_file).name
+            local.write_text(text)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(rid, str(local), None if parent == "." else parent)
+
+    def log_table(self, df: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None:
+        """`df` as `<artifact_file>` (CSV, index kept when it is named) and the same table as `.md` beside it."""
+        rid = self._rid(run_id)
+        artifact_file = artifact_file if artifact_file.endswith(".csv") else artifact_file + ".csv"
+        keep_index = any(n is not None for n in df.index.names)
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            csv = Path(tmp) / Path(artifact_file).name
+            df.to_csv(csv, index=keep_index)
+            csv.with_suffix(".md").write_text(df.to_markdown(index=keep_index) + "\n")
+            parent = str(Path(artifact_file).parent)
+            for f in (csv, csv.with_suffix(".md")):
+                self.client.log_artifact(rid, str(f), None if parent == "." else parent)
+
+    def log_config(self, cfg: "ExperimentConfig", run_id: str | None = None) -> None:
+        """All config fields as dotted params, the resolved config as `config/resolved.yaml`, and tags
+        (config hash, experiment name, target, sources)."""
+        import yaml
+
+        rid = self._rid(run_id)
+        data = cfg.model_dump(mode="json")
+        self.log_params(data, run_id=rid)
+        self.log_text(yaml.safe_dump(data, sort_keys=False), "config/resolved.yaml", run_id=rid)
+        self.set_tags(
+            {
+                TAG_CONFIG_HASH: cfg.content_hash(),
+                TAG_EXPERIMENT: cfg.name,
+                "fuselab.target": cfg.target.label,
+                "fuselab.sources": ",".join(s.label for s in cfg.sources),
+            },
+            run_id=rid,
+        )
+
+    def log_result(self, result: Any, run_id: str | None = None) -> None:
+        """Everything of a `harness.pipeline.ExperimentResult` the report needs, in a fixed layout:
+        metrics (`result.metrics`, stage timings as `time/<stage>_s`), loss curves as metric histories
+        `loss/<method>`, tables `results/results.csv` and `results/eval_long.csv`."""
+        rid = self._rid(run_id)
+        self.log_metrics(dict(result.metrics), run_id=rid)
+        self.log_metrics({f"time/{k}_s": v for k, v in dict(result.stage_timings).items()}, run_id=rid)
+        for method, points in dict(result.losses).items():
+            if points:
+                self.log_curve(f"loss/{method}", list(points), run_id=rid)
+        self.log_table(result.results, "results/results.csv", run_id=rid)
+        if result.eval_long is not None and len(result.eval_long):
+            self.log_table(result.eval_long, "results/eval_long.csv", run_id=rid)
+
+    # -- queries ----------------------------------------------------------------------------------
+    def find_runs(self, tags: dict[str, str], *, include_deleted: bool = False) -> list:
+        """Runs of this experiment whose tags equal `tags`, oldest first (ties by run id)."""
+        from mlflow.entities import ViewType
+
+        clauses = [f"tags.`{k}` = '{str(v)}'" for k, v in tags.items()]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=" and ".join(clauses),
+            run_view_type=ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY,
+            max_results=10000,
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def ensure_run(self, name: str, tags: dict[str, str], *, parent_run_id: str | None = None) -> str:
+        """The oldest run carrying `tags`, created when there is none. Safe when several processes call
+        it at once: each creates at most one, then all agree on the oldest and the extra ones are deleted."""
+        with file_lock(_lock_for(self.uri, self.workdir)):
+            found = self.find_runs(tags)
+            if found:
+                return found[0].info.run_id
+            mine = self.start_run(name, tags=tags, parent_run_id=parent_run_id)
+        found = self.find_runs(tags)
+        chosen = found[0].info.run_id if found else mine
+        if chosen != mine:  # lost a race with another host (the file lock covers this host only)
+            self.client.delete_run(mine)
+        return chosen
+
+
+def _user() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "fuselab"
+
+
+def _tag_value(value: Any) -> str:
+    return str(value)[:MAX_TAG_VALUE_CHARS]
+
+
+def _param_value(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if len(text) > MAX_PARAM_VALUE_CHARS:
+        suffix = "...[truncated]"
+        text = text[: MAX_PARAM_VALUE_CHARS - len(suffix)] + suffix
+    return text
+
+
+def _as_float(key: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: value {value!r} ({type(value).__name__}) is not a number") from None
+    return out if not math.isinf(out) else math.copysign(1.7976931348623157e308, out)
+
+
+# -- `fuselab ui` ----------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ui_command(uri: str, host: str, port: int, artifacts: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--artifacts-destination", str(artifacts),
+        "--host", host, "--port", str(port),
+        "--workers", "1",
+    ]
+
+
+def ui_main(workdir: Path, host: str = "127.0.0.1", port: int = 5000, block: bool = True,
+            uri: str | None = None, timeout_s: float = 180.0) -> subprocess.Popen:
+    """Start the MLflow UI on the work dir's store and wait until it answers `/health`.
+
+    Runs `mlflow ui ... --workers 1` with `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false` (with the defaults
+    MLflow 3.17 took ~52 s to serve and left 7 job processes behind). The server gets its own process
+    group so `stop_ui` ends all of it. `block=True`: serve until Ctrl-C, then stop. Returns the process
+    (already ended when `block`). Raises RuntimeError with the server's output if it exits or does not
+    answer within `timeout_s` seconds.
+    """
+    workdir = Path(workdir).expanduser().resolve()
+    uri = uri or default_tracking_uri(workdir)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log_path = workdir / "mlflow-ui.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(ui_command(uri, host, port, workdir / "mlartifacts"), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`mlflow ui` exited with code {proc.returncode} before serving {url} "
+                               f"(is port {port} in use? pass another port); its output:\n{_tail(log_path)}")
+        if _answers(f"{url}/health"):
+            break
+        if time.monotonic() > deadline:
+            stop_ui(proc)
+            raise RuntimeError(f"`mlflow ui` did not answer at {url} within {timeout_s:.0f} s; its output:\n"
+                               f"{_tail(log_path)}")
+        time.sleep(0.5)
+    print(f"MLflow UI on {url} (store {uri}; log {log_path}); Ctrl-C to stop", flush=True)
+    if block:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_ui(proc)
+    return proc
+
+
+def stop_ui(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after `timeout_s`."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # uvicorn workers may outlive their parent
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no output)"
