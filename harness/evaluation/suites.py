@@ -155,6 +155,14 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
 
     if isinstance(suites, str):
         suites = [suites]
+    # Resolve every suite's data before the model is loaded, so that missing data fails at once.
+    sources = {}
+    for suite in suites:
+        if suite in BUILTIN_SUITES:
+            runnable = tuple(lang for lang in settings.multipl_e_languages if toolchain_problem(lang) is None) \
+                if suite == "multipl_e" else ()
+            if suite != "multipl_e" or runnable:
+                sources[suite] = resolve_suite_data(suite, data_dir, runnable)
     lm = _as_lm(model, settings)
     model_name = model_name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
     frames = []
@@ -172,7 +180,7 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                         lang for lang in languages if lang not in runnable)), columns=COLUMNS))
                     if not runnable:
                         continue
-                source = resolve_suite_data(suite, data_dir, runnable)
+                source = sources[suite]
                 if source.kind == "local" or suite == "multipl_e":
                     folder, group, _ = write_suite_tasks(
                         suite, source.root, root, bbh_variant=settings.bbh_variant, num_fewshot=settings.num_fewshot,
@@ -187,8 +195,9 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
             else:
                 manager = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
                 if suite not in manager.all_tasks:
-                    raise ValueError(f"evaluate: suite {suite!r} is neither a built-in suite ({', '.join(BUILTIN_SUITES)}) "
-                                     f"nor an lm-eval task/group in include_paths={[str(p) for p in include_paths]}")
+                    raise ValueError(f"evaluate: suite {suite!r} is neither a built-in suite "
+                                     f"({', '.join(BUILTIN_SUITES)}) nor an lm-eval task/group in "
+                                     f"include_paths={[str(p) for p in include_paths]}")
                 tasks = [suite]
                 num_fewshot = settings.num_fewshot
             with _code_eval_allowed() if unsafe else contextlib.nullcontext():

@@ -1,0 +1,165 @@
+"""evaluate() through real lm-eval: hand-computed accuracy, offline failure, the shared-data suites, task YAML."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import tiny
+from harness.evaluation import DataUnavailableError, EvalSettings, evaluate, suite_tasks
+from harness.evaluation.data import BBH_TASKS
+from harness.evaluation.suites import results_to_frame
+from harness.evaluation.taskgen import parse_cot_prompt, write_suite_tasks
+
+MC_DOCS = [
+    {"question": "the quick brown fox jumps over the", "choices": ["lazy dog", "early bird", "worm"], "gold": 0},
+    {"question": "a stitch in time saves", "choices": ["nine", "the worm", "hello world"], "gold": 0},
+    {"question": "two plus three equals", "choices": ["five", "seven", "forty two"], "gold": 0},
+    {"question": "def add(a, b):", "choices": ["return a + b", "print(i)", "range(10)"], "gold": 0},
+    {"question": "hello world, hello", "choices": ["fox", "fusion", "merging"], "gold": 1},
+    {"question": "the early bird catches the", "choices": ["dog", "time", "worm"], "gold": 2},
+]
+
+
+@pytest.fixture()
+def mc_task_dir(tmp_path):
+    folder = tmp_path / "tinymc"
+    folder.mkdir()
+    data = folder / "tinymc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (folder / "tinymc.yaml").write_text(yaml.safe_dump({
+        "task": "tinymc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "choices", "doc_to_target": "gold",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}))
+    return folder
+
+
+def _loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    # lm-eval's causal split: encode context+continuation, the continuation is what follows the context's tokens.
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    continuation_ids = whole[len(context_ids):]
+    inputs = torch.tensor([(context_ids + continuation_ids)[:-1]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1)
+    start = len(context_ids) - 1
+    return float(sum(logprobs[start + i, tok] for i, tok in enumerate(continuation_ids)))
+
+
+def test_multiple_choice_accuracy_equals_hand_computed(tiny_llama_dir, sp_tokenizer, mc_task_dir):
+    model = tiny.tiny_model("llama", sp_tokenizer, seed=0)   # the same weights as tiny_llama_dir
+    acc, acc_norm = [], []
+    for doc in MC_DOCS:
+        context = f"Question: {doc['question']}\nAnswer:"
+        lls = np.array([_loglikelihood(model, sp_tokenizer, context, " " + c) for c in doc["choices"]])
+        lengths = np.array([len(c) for c in doc["choices"]], dtype=float)
+        acc.append(float(np.argmax(lls) == doc["gold"]))
+        acc_norm.append(float(np.argmax(lls / lengths) == doc["gold"]))
+
+    settings = EvalSettings(multipl_e_languages=())
+    frame = evaluate(tiny_llama_dir, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="tiny")
+    values = {row.metric: row.value for row in frame.itertuples()}
+    assert values["acc"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert values["acc_norm"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
+    assert set(frame["n"]) == {len(MC_DOCS)}
+    assert set(frame["model"]) == {"tiny"} and set(frame["suite"]) == {"tinymc"}
+    stderr = frame.set_index("metric")["stderr"]["acc"]
+    assert stderr == pytest.approx(np.std(acc, ddof=1) / math.sqrt(len(acc)), abs=1e-12)
+    # Deterministic: a second run gives the identical frame.
+    again = evaluate(tiny_llama_dir, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="tiny")
+    assert again.equals(frame)
+
+
+def test_unknown_suite_names_include_paths(tiny_llama_dir, mc_task_dir):
+    with pytest.raises(ValueError, match="nosuchtask.*include_paths"):
+        evaluate(tiny_llama_dir, ["nosuchtask"], EvalSettings(multipl_e_languages=()), include_paths=[mc_task_dir])
+
+
+def test_offline_without_data_fails_fast_naming_files(tmp_path, monkeypatch, tiny_llama_dir):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("FUSELAB_DATA", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-ds-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    for suite, expected in [("bbh", ["<data_dir>/bbh/boolean_expressions.json", "<data_dir>/bbh/word_sorting.json",
+                                     "<data_dir>/bbh/cot-prompts/navigate.txt"]),
+                            ("commonsense", ["<data_dir>/commonsense/arc_easy_test.llmfoundry.jsonl",
+                                             "<data_dir>/commonsense/hellaswag_validation.ai2olmo.jsonl.gz"]),
+                            ("multipl_e", ["<data_dir>/multipl-e/humaneval-python.jsonl"])]:
+        start = time.monotonic()
+        with pytest.raises(DataUnavailableError) as err:
+            evaluate(tiny_llama_dir, [suite], EvalSettings(multipl_e_languages=("python",)), data_dir=empty)
+        assert time.monotonic() - start < 5
+        message = str(err.value)
+        for path in expected:
+            assert path in message
+        assert str(empty) in message
+
+
+def test_shared_data_suites_run_with_limit_2(tiny_llama_dir, shared_data, tmp_path):
+    settings = EvalSettings(limit=2, max_gen_toks=8, multipl_e_languages=("python", "js", "nosuchlang"))
+    frame = evaluate(tiny_llama_dir, ["bbh", "commonsense", "multipl_e"], settings, data_dir=shared_data,
+                     log_samples_dir=tmp_path / "samples")
+    bbh = frame[frame.suite == "bbh"]
+    assert list(bbh.task[:-1]) == suite_tasks("bbh", settings) and len(bbh) == 28
+    assert bbh.iloc[-1].task == "fuselab_bbh" and bbh.iloc[-1].n == 54
+    assert (bbh.n.iloc[:-1] == 2).all() and bbh.value.between(0, 1).all()
+
+    commonsense = frame[frame.suite == "commonsense"]
+    assert set(commonsense.metric) == {"acc", "acc_norm"}
+    assert set(commonsense.task) == set(suite_tasks("commonsense", settings)) | {"fuselab_commonsense"}
+    per_task = commonsense[(commonsense.task != "fuselab_commonsense") & (commonsense.metric == "acc")]
+    group_acc = commonsense[(commonsense.task == "fuselab_commonsense") & (commonsense.metric == "acc")].value.item()
+    assert group_acc == pytest.approx(per_task.value.mean())       # macro average over the 5 tasks
+
+    code = frame[frame.suite == "multipl_e"].set_index("task")
+    assert code.loc["fuselab_multipl_e_python", "n"] == 2 and code.loc["fuselab_multipl_e_js", "n"] == 2
+    assert code.loc["fuselab_multipl_e_python", "value"] in (0.0, 0.5, 1.0)
+    assert math.isnan(code.loc["fuselab_multipl_e_nosuchlang", "value"])
+    assert code.loc["fuselab_multipl_e_nosuchlang", "note"].startswith("not run")
+    assert (tmp_path / "samples" / "multipl_e" / "fuselab_multipl_e_js.jsonl").is_file()
+
+
+def test_bbh_task_yaml_direct_and_cot(shared_data, tmp_path):
+    description, exemplars = parse_cot_prompt((shared_data / "bbh/cot-prompts/boolean_expressions.txt").read_text())
+    assert description == "Evaluate the result of a random Boolean expression."
+    assert [e["answer"] for e in exemplars] == ["False", "False", "True"]
+    assert exemplars[0]["input"] == "not ( ( not not True ) ) is"
+
+    folder, group, names = write_suite_tasks("bbh", shared_data, tmp_path, bbh_variant="direct")
+    assert group == "fuselab_bbh" and len(names) == len(BBH_TASKS) == 27
+    direct = yaml.safe_load((folder / "fuselab_bbh_boolean_expressions.yaml").read_text())
+    assert direct["fewshot_config"]["samples"][2] == {"input": "not not ( not ( False ) ) is", "target": "True"}
+    assert direct["num_fewshot"] == 3 and direct["dataset_kwargs"]["field"] == "examples"
+
+    folder, group, names = write_suite_tasks("bbh", shared_data, tmp_path, bbh_variant="cot", num_fewshot=1)
+    cot = yaml.safe_load((folder / "fuselab_bbh_cot_boolean_expressions.yaml").read_text())
+    assert group == "fuselab_bbh_cot" and cot["num_fewshot"] == 1
+    assert cot["fewshot_config"]["samples"][0]["target"].endswith("So the answer is False.")
+    assert cot["fewshot_config"]["samples"][0]["target"].startswith("Remember that (i)")
+    assert cot["filter_list"][0]["filter"][0]["regex_pattern"] == r"(?<=the answer is )(.*)(?=.)"
+
+
+def test_results_to_frame_names_metrics():
+    results = {
+        "results": {"t1": {"alias": "t1", "exact_match,get-answer": 0.5, "exact_match_stderr,get-answer": 0.1},
+                    "g": {"alias": "g", "acc,none": 0.25, "acc_stderr,none": "N/A"}},
+        "group_subtasks": {"g": ["t1"]},
+        "n-samples": {"t1": {"original": 10, "effective": 4}},
+    }
+    frame = results_to_frame(results, "s", "m")
+    assert list(frame.metric) == ["exact_match_get-answer", "acc"]
+    assert list(frame.n) == [4, 4]
+    assert frame.stderr.iloc[0] == 0.1 and math.isnan(frame.stderr.iloc[1])
