@@ -1,0 +1,222 @@
+"""Training data for the target: document splitting, packing into blocks, and the batch collator.
+
+Reference FuseLLM behaviour: documents are tokenized without BOS and with EOS, concatenated and cut into
+blocks of `block_size` tokens with attention across document boundaries ("packing without reset").
+Both choices are options here (`add_bos`, `cross_document_attention`), so their effect can be measured.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import datasets
+import numpy as np
+import torch
+
+from .loss import IGNORE_INDEX
+
+_WORDS = re.compile(r"\s*\S+\s*|\s+")
+
+
+def token_count(tokenizer, text: str) -> int:
+    """Tokens of `text` without special tokens."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def split_documents(texts: list[str], tokenizers: list, block_size: int, reserve: int = 1) -> list[str]:
+    """Split documents so that under every tokenizer each piece plus `reserve` special tokens (EOS) fits block_size.
+
+    Pieces break at line boundaries, then at whitespace, and inside a word only when a single word is longer
+    than a block. Whitespace stays attached to the end of the piece before the break, so
+    "".join(pieces of a document) == the document. Documents that fit already are returned unchanged.
+    Returns the pieces of all documents in order, as one flat list of strings.
+    """
+    if block_size - reserve < 1:
+        raise ValueError(f"block_size={block_size} leaves no room for text after {reserve} reserved token(s)")
+    if not tokenizers:
+        raise ValueError("split_documents needs at least one tokenizer (the target's and every source's)")
+
+    def fits(piece: str) -> bool:
+        return all(token_count(tok, piece) + reserve <= block_size for tok in tokenizers)
+
+    pieces: list[str] = []
+    for text in texts:
+        if fits(text):
+            pieces.append(text)
+        else:
+            pieces.extend(_split(text, fits, level=0))
+    return pieces
+
+
+def _units(text: str, level: int) -> list[str]:
+    if level == 0:
+        return text.splitlines(keepends=True)
+    if level == 1:
+        return _WORDS.findall(text)
+    return list(text)
+
+
+def _split(text: str, fits: Callable[[str], bool], level: int) -> list[str]:
+    units = _units(text, level)
+    pieces: list[str] = []
+    start = 0
+    while start < len(units):
+        # Largest end with units[start:end] fitting; token counts grow with the text, so bisect.
+        low, high = start, len(units)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits("".join(units[start:mid])):
+                low = mid
+            else:
+                high = mid - 1
+        if low == start:
+            unit = units[start]
+            if level == 2:
+                raise ValueError(f"the single character {unit!r} does not fit a block under some tokenizer")
+            pieces.extend(_split(unit, fits, level + 1))
+            start += 1
+        else:
+            pieces.append("".join(units[start:low]))
+            start = low
+    return pieces
+
+
+def _with_bos(row: dict, bos_token_id: int) -> dict:
+    out = dict(row)
+    out["input_ids"] = [bos_token_id] + list(row["input_ids"])
+    if "fused_ids" in row:
+        k = int(row["k"])
+        # The BOS position predicts the first token, for which no fused distribution exists: an empty row.
+        out["fused_ids"] = [0] * k + list(row["fused_ids"])
+        out["fused_probs"] = [0.0] * k + list(row["fused_probs"])
+    return out
+
+
+def pack_documents(rows: Iterable[dict], block_size: int) -> list[dict]:
+    """Concatenate documents and cut them into blocks of block_size tokens (the last block may be shorter).
+
+    rows: dicts with input_ids [n] and, for fusion, fused_ids / fused_probs [n * k] and k.
+    Returns blocks with input_ids [<= block_size], position_ids [same] (restarting at 0 at each document
+    and each block start, so that the collator can keep documents from attending to each other), and the
+    matching fused_ids / fused_probs [len * k] and k when the rows have them.
+    """
+    blocks: list[dict] = []
+    ids: list[int] = []
+    positions: list[int] = []
+    f_ids: list = []
+    f_probs: list = []
+    k = None
+    for row in rows:
+        has_fused = "fused_ids" in row
+        if k is None and has_fused:
+            k = int(row["k"])
+        if has_fused != (k is not None) or (has_fused and int(row["k"]) != k):
+            raise ValueError(f"document doc_id={row.get('doc_id')} has fused columns with k={row.get('k')} "
+                             f"unlike the documents before it (k={k}): a fused dataset must have one k")
+        n = len(row["input_ids"])
+        ids.extend(row["input_ids"])
+        positions.extend(range(n))
+        if has_fused:
+            f_ids.extend(row["fused_ids"])
+            f_probs.extend(row["fused_probs"])
+    for start in range(0, len(ids), block_size):
+        end = min(start + block_size, len(ids))
+        block_positions = np.asarray(positions[start:end])
+        # A document cut by the block start restarts its positions at 0 too.
+        first_doc_end = np.flatnonzero(block_positions == 0)
+        head = first_doc_end[0] if len(first_doc_end) else len(block_positions)
+        block_positions[:head] = np.arange(head)
+        block = {"input_ids": ids[start:end], "position_ids": block_positions.tolist()}
+        if k is not None:
+            block["fused_ids"] = f_ids[start * k:end * k]
+            block["fused_probs"] = f_probs[start * k:end * k]
+            block["k"] = k
+        blocks.append(block)
+    return blocks
+
+
+def prepare_train_dataset(dataset: datasets.Dataset, block_size: int, packing: bool = True, add_bos: bool = False,
+                          bos_token_id: int | None = None, fusion: bool = True) -> datasets.Dataset:
+    """A fused (or input_ids-only) dataset -> training examples of at most block_size tokens.
+
+    dataset columns: input_ids list<int> [n] and, when `fusion`, fused_ids / fused_probs [n * k] and k.
+    packing=True: blocks from `pack_documents`; packing=False: one example per document, each must fit.
+    Returns a dataset with input_ids, position_ids (and fused_ids, fused_probs, k when `fusion`).
+    """
+    wanted = ["input_ids"] + (["fused_ids", "fused_probs", "k"] if fusion else [])
+    missing = [c for c in wanted if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"training dataset lacks column(s) {missing} (has {dataset.column_names}); "
+                         "lam < 1 needs a fused dataset, lam = 1 only input_ids")
+    if add_bos and bos_token_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token_id; set add_bos=False or a BOS token")
+    dataset = dataset.select_columns(wanted + (["doc_id"] if "doc_id" in dataset.column_names else []))
+
+    def convert(batch: dict) -> dict:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        if add_bos:
+            rows = [_with_bos(r, bos_token_id) for r in rows]
+        if packing:
+            out_rows = pack_documents(rows, block_size)
+        else:
+            for r in rows:
+                if len(r["input_ids"]) > block_size:
+                    raise ValueError(f"document doc_id={r.get('doc_id')} has {len(r['input_ids'])} tokens, more "
+                                     f"than block_size={block_size}; split it with fusion.data.split_documents "
+                                     "or turn packing on")
+                r["position_ids"] = list(range(len(r["input_ids"])))
+                r.pop("doc_id", None)
+            out_rows = rows
+        return {c: [r[c] for r in out_rows] for c in wanted + ["position_ids"]}
+
+    return dataset.map(convert, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                       desc="packing" if packing else "checking lengths")
+
+
+class FusionCollator:
+    """Pads training examples into a batch.
+
+    Returns input_ids [B, L] int64; labels [B, L] (-100 on padding); attention_mask [B, L], or, with
+    cross_document_attention=False, position_ids [B, L] restarting at every document and no attention_mask
+    (transformers then builds a block-diagonal causal mask from the position resets); and when the examples
+    carry them fused_ids [B, L, K] int64 and fused_probs [B, L, K] float32 aligned with input_ids (padding: prob 0).
+    """
+
+    def __init__(self, pad_token_id: int, cross_document_attention: bool = True):
+        self.pad_token_id = pad_token_id
+        self.cross_document_attention = cross_document_attention
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        batch, longest = len(features), max(lengths)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((batch, longest), dtype=torch.long)
+        for row, (f, n) in enumerate(zip(features, lengths)):
+            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            input_ids[row, :n] = ids
+            labels[row, :n] = ids
+            attention[row, :n] = 1
+        out = {"input_ids": input_ids, "labels": labels}
+        if self.cross_document_attention:
+            out["attention_mask"] = attention
+        else:
+            # Padding restarts at 0 too, so it forms its own segment that no real token attends to.
+            positions = torch.zeros((batch, longest), dtype=torch.long)
+            for row, (f, n) in enumerate(zip(features, lengths)):
+                own = f.get("position_ids")
+                positions[row, :n] = torch.as_tensor(own if own is not None else range(n), dtype=torch.long)
+                positions[row, n:] = torch.arange(longest - n)
+            out["position_ids"] = positions
+        if "fused_ids" in features[0]:
+            k = int(features[0]["k"])
+            fused_ids = torch.zeros((batch, longest, k), dtype=torch.long)
+            fused_probs = torch.zeros((batch, longest, k), dtype=torch.float32)
+            for row, (f, n) in enumerate(zip(features, lengths)):
+                if len(f["fused_ids"]) != n * k or len(f["fused_probs"]) != n * k:
+                    raise ValueError(f"example {row} has {len(f['fused_ids'])} fused ids for {n} tokens x k={k}")
+                fused_ids[row, :n] = torch.as_tensor(f["fused_ids"], dtype=torch.long).view(n, k)
+                fused_probs[row, :n] = torch.as_tensor(f["fused_probs"], dtype=torch.float32).view(n, k)
+            out["fused_ids"] = fused_ids
+            out["fused_probs"] = fused_probs
+        return out

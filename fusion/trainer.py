@@ -1,0 +1,220 @@
+"""Continual training of the target model on the fused distributions, through the HF Trainer (and so DeepSpeed).
+
+lam = 1 is the CLM-only baseline on the same code path: the fusion term is then skipped entirely and the
+loss is exactly the HF causal-LM loss.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+
+from .data import FusionCollator, prepare_train_dataset
+from .loss import IGNORE_INDEX, fusion_loss, valid_fusion_positions
+
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
+DEEPSPEED_PRESETS = {"zero2": DEEPSPEED_DIR / "zero2.json", "zero3": DEEPSPEED_DIR / "zero3.json"}
+
+
+@dataclass
+class TrainSettings:
+    """Target training hyper-parameters. Defaults follow the paper (block 2048, lr 1e-5, warmup 0.8%,
+    weight decay 0.1, clip 1.0, cosine, 1 epoch) except bf16, which is off so that CPUs can run it.
+
+    packing: concatenate documents into blocks (reference) or one example per document.
+    cross_document_attention: with packing, let tokens attend across document boundaries (reference:
+    packing without reset) or restart attention at every document.
+    add_bos: prepend BOS to each document (the reference does not).
+    deepspeed: None, "zero2", "zero3" (the shipped configs, all values "auto") or a path to a JSON config.
+    """
+
+    block_size: int = 2048
+    per_device_batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_ratio: float = 0.008
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 42
+    lr_scheduler: str = "cosine"
+    bf16: bool = False
+    packing: bool = True
+    cross_document_attention: bool = True
+    add_bos: bool = False
+    logging_steps: int = 1
+    deepspeed: str | None = None
+
+
+@dataclass
+class TrainResult:
+    """losses / clm_losses / fusion_losses: logged value by optimizer step (nats per token);
+    train_runtime: seconds; tokens_per_s: non-padding tokens per second; flops_per_s: 6 * params * tokens / s;
+    model_dir: where the final model (safetensors) and tokenizer were saved."""
+
+    losses: dict[int, float]
+    clm_losses: dict[int, float]
+    fusion_losses: dict[int, float]
+    train_runtime: float
+    tokens: int
+    tokens_per_s: float
+    flops_per_s: float
+    model_dir: str
+    settings: dict = field(default_factory=dict)
+
+
+def deepspeed_config_path(deepspeed: str | None) -> str | None:
+    """None, a preset name ("zero2", "zero3") or a path -> the JSON path the HF Trainer takes."""
+    if deepspeed is None:
+        return None
+    if deepspeed in DEEPSPEED_PRESETS:
+        return str(DEEPSPEED_PRESETS[deepspeed])
+    if not Path(deepspeed).is_file():
+        raise FileNotFoundError(f"deepspeed={deepspeed!r} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) "
+                                "nor an existing JSON config file")
+    return str(deepspeed)
+
+
+class FusionTrainer(transformers.Trainer):
+    """HF Trainer whose loss is `fusion.loss.fusion_loss`; logs clm_loss and fusion_loss next to loss.
+
+    Extra arguments: lam (CLM weight lambda, 1 = CLM-only) and temperature (applied to the fused distribution).
+    Under gradient accumulation both terms are normalised over the whole accumulated batch, as the HF
+    Trainer does for its own CLM loss.
+    """
+
+    def __init__(self, *args, lam: float = 0.9, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        self.lam = lam
+        self.temperature = temperature
+        self._num_fused_in_batch = None
+        self._component_sums: dict[str, float] = {}
+        self._component_steps = 0
+        self.tokens_seen = 0
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._num_fused_in_batch = None
+        if self.lam < 1.0 and num_items_in_batch is not None and batch_samples and "fused_probs" in batch_samples[0]:
+            count = sum(valid_fusion_positions(b["labels"], b["fused_probs"]).sum() for b in batch_samples)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count.to(device)).sum()
+            self._num_fused_in_batch = count
+        self._component_steps += 1
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        fused_ids = inputs.pop("fused_ids", None)
+        fused_probs = inputs.pop("fused_probs", None)
+        if model.training:
+            self.tokens_seen += int((labels != IGNORE_INDEX).sum())
+        # No KV cache in training; with a cache transformers also skips the packed-sequence mask from position_ids.
+        outputs = model(**inputs, use_cache=False)
+        fused_count = self._num_fused_in_batch if num_items_in_batch is not None else None
+        parts = fusion_loss(outputs.logits, labels, fused_ids, fused_probs, self.lam, self.temperature,
+                            num_items_in_batch=num_items_in_batch, num_fused_in_batch=fused_count)
+        loss = parts["loss"]
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # Same rescaling as Trainer.compute_loss: the normaliser was summed over processes.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if model.training:
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            divisor = 1 if scaled else self.current_gradient_accumulation_steps
+            for name in ("clm_loss", "fusion_loss"):
+                if name in parts:
+                    self._component_sums[name] = self._component_sums.get(name, 0.0) + parts[name].item() / divisor
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._component_steps:
+            for name, total in self._component_sums.items():
+                logs[name] = round(total / self._component_steps, 6)
+            self._component_sums = {}
+            self._component_steps = 0
+        super().log(logs, *args, **kwargs)
+
+
+def require_position_ids(model) -> None:
+    """Documents are isolated inside a packed block through position_ids resets (transformers builds the
+    block-diagonal mask from them); a model whose forward takes no position_ids (e.g. MPT, ALiBi) cannot."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"{type(model).__name__} takes no position_ids, so cross_document_attention=False cannot "
+                         "isolate packed documents; use cross_document_attention=True or packing=False")
+
+
+def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str | None = None) -> transformers.TrainingArguments:
+    """TrainSettings -> transformers.TrainingArguments (no checkpoints, no external reporting: the harness tracks)."""
+    return transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        warmup_steps=settings.warmup_ratio,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        num_train_epochs=settings.num_epochs,
+        max_steps=settings.max_steps,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        lr_scheduler_type=settings.lr_scheduler,
+        bf16=settings.bf16,
+        logging_steps=settings.logging_steps,
+        deepspeed=deepspeed_config_path(deepspeed if deepspeed is not None else settings.deepspeed),
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, settings: TrainSettings,
+                 lam: float, temperature: float = 1.0, deepspeed: str | None = None) -> TrainResult:
+    """Train `model` on `fused_dataset` with lam * CLM + (1 - lam) * fusion loss and save it to output_dir.
+
+    fused_dataset: doc_id, input_ids [n] (target tokenization), fused_ids / fused_probs [n * k], k; with
+    lam = 1 a dataset with only input_ids is enough (CLM-only baseline, the fusion term is skipped).
+    deepspeed overrides settings.deepspeed when given. The final model is saved as safetensors with the tokenizer.
+    """
+    fusion = lam < 1.0
+    train_dataset = prepare_train_dataset(fused_dataset, settings.block_size, packing=settings.packing,
+                                          add_bos=settings.add_bos, bos_token_id=tokenizer.bos_token_id,
+                                          fusion=fusion)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token "
+                         "to pad batches with; set tokenizer.pad_token")
+    if not settings.cross_document_attention:
+        require_position_ids(model)
+    collator = FusionCollator(pad_id, cross_document_attention=settings.cross_document_attention)
+    args = training_arguments(output_dir, settings, deepspeed)
+    trainer = FusionTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                            lam=lam, temperature=temperature)
+    began = time.perf_counter()
+    output = trainer.train()
+    runtime = output.metrics.get("train_runtime", time.perf_counter() - began)
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+    history = trainer.state.log_history
+
+    def by_step(key: str) -> dict[int, float]:
+        return {int(entry["step"]): float(entry[key]) for entry in history if key in entry and "step" in entry}
+
+    params = sum(p.numel() for p in model.parameters())
+    tokens = trainer.tokens_seen
+    return TrainResult(losses=by_step("loss"), clm_losses=by_step("clm_loss"), fusion_losses=by_step("fusion_loss"),
+                       train_runtime=float(runtime), tokens=tokens,
+                       tokens_per_s=tokens / runtime if runtime else 0.0,
+                       flops_per_s=6.0 * params * tokens / runtime if runtime else 0.0,
+                       model_dir=str(output_dir), settings=asdict(settings))
