@@ -49,65 +49,65 @@ def _empty(n_target: int, n_source: int) -> Alignment:
     return Alignment(pairs=np.zeros((0, 2), dtype=np.int32), n_target=n_target, n_source=n_source)
 
 
-def _cost_matrix(target_tokens: list[str], source_tokens: list[str], target_marker: str,
-                 source_marker: str) -> np.ndarray:
-    """int32 [n, m]: Levenshtein distance between marker-stripped token strings.
+def _factorize(strings: list[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct strings in first-seen order, int64 [len(strings)] index of each into them)."""
+    index: dict[str, int] = {}
+    codes = [index.setdefault(text, len(index)) for text in strings]
+    return list(index), np.asarray(codes, dtype=np.int64)
 
-    Documents repeat tokens a lot (a 2k-token text has ~600 distinct tokens), so distances are computed
-    once per pair of distinct strings and gathered.
+
+def _accumulate(row_tokens: list[str], col_tokens: list[str]) -> np.ndarray:
+    """Accumulated DTW cost D [len(row_tokens), len(col_tokens)] (integers; D[-1, -1] = 0, other borders
+    infinite): D[i, j] = cost(i, j) + min(D[i-1, j], D[i, j-1], D[i-1, j-1]), cost = Levenshtein distance.
+
+    Row by row without a Python loop over columns: with E[j] = cost(i, j) + min(D[i-1, j], D[i-1, j-1])
+    and P[j] = cost(i, 0) + ... + cost(i, j), unrolling the left moves gives
+    D[i, j] = min over l <= j of (E[l] + P[j] - P[l]) = P[j] + prefix-min(E - P)[j]: one
+    `np.minimum.accumulate` per row, exact in integer arithmetic. Documents repeat tokens a lot (a
+    2k-token text has ~700 distinct ones), so distances, P and cost - P are computed once per distinct
+    row string and rows are looked up.
     """
-    target = [t.replace(target_marker, "") if target_marker else t for t in target_tokens]
-    source = [s.replace(source_marker, "") if source_marker else s for s in source_tokens]
-    target_unique, target_index = np.unique(np.array(target, dtype=object), return_inverse=True)
-    source_unique, source_index = np.unique(np.array(source, dtype=object), return_inverse=True)
-    distinct = cdist(list(target_unique), list(source_unique), scorer=Levenshtein.distance, dtype=np.int32,
-                     workers=1)
-    return distinct[np.ix_(target_index.ravel(), source_index.ravel())]
+    row_unique, row_codes = _factorize(row_tokens)
+    col_unique, col_codes = _factorize(col_tokens)
+    distinct = cdist(row_unique, col_unique, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+    # np.take keeps rows C-contiguous (distinct[:, codes] comes back Fortran-ordered, making every
+    # row read below strided and the cumsum ~5x slower)
+    cost = np.take(distinct, col_codes, axis=1)         # [distinct rows, m]
+    worst = int(cost.max(initial=0)) * (len(row_tokens) + len(col_tokens))
+    dtype = np.int32 if worst < 2**31 - 1 else np.int64
+    cost = cost.astype(dtype, copy=False)
+    prefix = np.cumsum(cost, axis=1, dtype=dtype)       # P per distinct row string
+    cost_minus_prefix = cost - prefix
+    n, m = len(row_tokens), len(col_tokens)
+    acc = np.empty((n, m), dtype=dtype)
+    acc[0] = prefix[row_codes[0]]                       # first row: only left moves from D[0, 0]
+    work = np.empty(m, dtype=dtype)
+    for i in range(1, n):
+        above = acc[i - 1]
+        code = row_codes[i]
+        work[0] = above[0]                              # D[i-1, -1] is infinite: only "up" at j = 0
+        np.minimum(above[1:], above[:-1], out=work[1:])
+        np.add(work, cost_minus_prefix[code], out=work)
+        np.minimum.accumulate(work, out=work)
+        np.add(work, prefix[code], out=acc[i])
+    return acc
 
 
-def _accumulate(cost: np.ndarray) -> tuple[np.ndarray, int]:
-    """Accumulated DTW costs in anti-diagonal ("skewed") layout, and the infinity used for borders.
-
-    Returns acc [n + m, n + 1] with acc[i + j + 1, i + 1] = D[i, j]; row 0 and column 0 are the infinite
-    borders (D[-1, *], D[*, -1]) and every cell off the band of valid (i, j) stays infinite, so the
-    traceback reads unavailable moves as infinite without bounds checks.
-    D[i, j] = cost[i, j] + min(D[i-1, j], D[i, j-1], D[i-1, j-1]), D[-1, -1] = 0.
-    """
-    n, m = cost.shape
-    worst = int(cost.max(initial=0)) * (n + m)
-    dtype = np.int32 if worst < 2**30 else np.int64
-    inf = np.iinfo(dtype).max // 2  # inf + a cost must not overflow
-    # skew[k, i] = cost[i, k - i]: a strided view of the cost rows shifted right by their index, then
-    # made contiguous so each anti-diagonal is one slice.
-    padded = np.full((n, n + m), inf, dtype=dtype)
-    padded[:, :m] = cost
-    flat = padded.ravel()
-    stride = flat.strides[0]
-    skew = np.lib.stride_tricks.as_strided(flat, shape=(n, n + m - 1), strides=(stride * (n + m - 1), stride))
-    skew = np.ascontiguousarray(skew.T)
-    acc = np.full((n + m, n + 1), inf, dtype=dtype)
-    acc[1, 1] = skew[0, 0]
-    best = np.empty(n, dtype=dtype)
-    for k in range(1, n + m - 1):
-        lo, hi = max(0, k - m + 1), min(k, n - 1) + 1
-        out = best[: hi - lo]
-        # up = D[i-1, j] and left = D[i, j-1] lie on diagonal k-1, diag = D[i-1, j-1] on k-2.
-        np.minimum(acc[k, lo:hi], acc[k, lo + 1:hi + 1], out=out)
-        np.minimum(out, acc[k - 1, lo:hi], out=out)
-        np.add(out, skew[k, lo:hi], out=acc[k + 1, lo + 1:hi + 1])
-    return acc, inf
-
-
-def _traceback(acc: np.ndarray, n: int, m: int) -> np.ndarray:
-    """The reference path from (n-1, m-1) back to (0, 0): at each step the cheapest of diagonal, up,
-    left (unavailable = infinite), ties broken in that order. Returns int32 [P, 2] in path order."""
+def _traceback(acc: np.ndarray) -> np.ndarray:
+    """The reference path from (n-1, m-1) back to (0, 0) over D = acc [n, m]: at each step the cheapest
+    of diagonal, up, left (a move off the matrix is infinite), ties broken in that order.
+    Returns int32 [P, 2] (i, j) in path order."""
+    n, m = acc.shape
+    inf = float("inf")
     i, j = n - 1, m - 1
     path = [(i, j)]
     while i > 0 or j > 0:
-        k = i + j + 1  # row of D[i, j]; D[a, b] = acc[a + b + 1, a + 1]
-        diag = acc[k - 2, i]
-        up = acc[k - 1, i]
-        left = acc[k - 1, i + 1]
+        if i > 0 and j > 0:
+            diag, up, left = acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1]
+        else:
+            diag = inf
+            up = acc[i - 1, j] if i > 0 else inf
+            left = acc[i, j - 1] if j > 0 else inf
         if diag <= up and diag <= left:
             i, j = i - 1, j - 1
         elif up <= left:
@@ -115,8 +115,6 @@ def _traceback(acc: np.ndarray, n: int, m: int) -> np.ndarray:
         else:
             j -= 1
         path.append((i, j))
-    if path[-1] != (0, 0):  # cannot happen: (0, 0) is the only cell with both indices 0
-        path.append((0, 0))
     return np.asarray(path[::-1], dtype=np.int32)
 
 
@@ -133,9 +131,11 @@ def dtw_tokens(target_tokens: list[str], source_tokens: list[str], target_marker
     n, m = len(target_tokens), len(source_tokens)
     if n == 0 or m == 0:
         return _empty(n, m)
-    cost = _cost_matrix(target_tokens, source_tokens, target_marker, source_marker)
-    acc, _ = _accumulate(cost)
-    return Alignment(pairs=_traceback(acc, n, m), n_target=n, n_source=m)
+    target = [t.replace(target_marker, "") for t in target_tokens] if target_marker else list(target_tokens)
+    source = [s.replace(source_marker, "") for s in source_tokens] if source_marker else list(source_tokens)
+    # D is symmetric in its two sequences, so run the row loop over the shorter one (fewer numpy calls)
+    acc = _accumulate(target, source) if n <= m else _accumulate(source, target).T
+    return Alignment(pairs=_traceback(acc), n_target=n, n_source=m)
 
 
 @ALIGNMENTS.register("dtw", reference=True)
@@ -144,20 +144,17 @@ def dtw_align(target: TokenizedText, source: TokenizedText) -> Alignment:
     return dtw_tokens(target.tokens, source.tokens, target.marker, source.marker)
 
 
-def _point_spans(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Half-open spans in doubled coordinates: [s, e) -> [2s, 2e), a zero-width span at p -> [2p, 2p + 1).
+def _point_spans(offsets: np.ndarray) -> np.ndarray:
+    """int64 [2, n]: rows (starts, ends) of half-open spans in doubled coordinates: [s, e) -> [2s, 2e),
+    a zero-width span at p -> [2p, 2p + 1).
 
     Ordinary overlap of the doubled spans then means: two tokens share a character; a zero-width token
     at p (BOS at 0, EOS at len(text), a trimmed marker-only token) overlaps the token covering character
     p and any zero-width token at p. So EOS pairs with EOS, and never with the last real token.
     """
-    starts = 2 * offsets[:, 0].astype(np.int64)
-    ends = np.maximum(2 * offsets[:, 1].astype(np.int64), starts + 1)
-    return starts, ends
-
-
-def _is_sorted(values: np.ndarray) -> bool:
-    return bool(np.all(values[1:] >= values[:-1]))
+    spans = np.multiply(np.asarray(offsets, dtype=np.int64).T, 2, order="C")  # contiguous rows for searchsorted
+    np.maximum(spans[1], spans[0] + 1, out=spans[1])
+    return spans
 
 
 @ALIGNMENTS.register("offsets")
@@ -171,27 +168,34 @@ def offsets_align(target: TokenizedText, source: TokenizedText) -> Alignment:
     [#sources ending at or before t's start, #sources starting before t's end). A non-monotone source
     falls back to a chunked dense comparison. Returns Alignment, pairs int32 [P, 2] sorted.
     """
-    n, m = len(target), len(source)
+    n, m = len(target.ids), len(source.ids)
     if n == 0 or m == 0:
         return _empty(n, m)
-    t_start, t_end = _point_spans(np.asarray(target.offsets))
-    s_start, s_end = _point_spans(np.asarray(source.offsets))
-    if _is_sorted(s_start) and _is_sorted(s_end):
-        lo = np.searchsorted(s_end, t_start, side="right")
-        hi = np.searchsorted(s_start, t_end, side="left")
-        counts = np.maximum(hi - lo, 0)
-        total = int(counts.sum())
-        target_pos = np.repeat(np.arange(n, dtype=np.int64), counts)
-        # within each target's run, source positions count up from lo
-        run_start = np.repeat(np.cumsum(counts) - counts, counts)
-        source_pos = np.repeat(lo, counts) + (np.arange(total) - run_start)
-        pairs = np.stack([target_pos, source_pos], axis=1).astype(np.int32)
-    else:
-        found = []
-        rows = max(1, 2**24 // m)
-        for a in range(0, n, rows):
-            overlap = (t_start[a:a + rows, None] < s_end[None, :]) & (s_start[None, :] < t_end[a:a + rows, None])
-            t_idx, s_idx = np.nonzero(overlap)
-            found.append(np.stack([t_idx + a, s_idx], axis=1))
-        pairs = np.concatenate(found).astype(np.int32).reshape(-1, 2)
+    t_span = _point_spans(target.offsets)
+    s_span = _point_spans(source.offsets)
+    if not (s_span[:, 1:] >= s_span[:, :-1]).all():
+        return _dense_overlaps(t_span, s_span)
+    lo = np.searchsorted(s_span[1], t_span[0], side="right")
+    # every source counted in lo ends before t starts, so it also starts before t ends: hi >= lo
+    counts = np.searchsorted(s_span[0], t_span[1], side="left") - lo
+    run_end = np.cumsum(counts)
+    total = int(run_end[-1])
+    pairs = np.empty((total, 2), dtype=np.int32)
+    pairs[:, 0] = np.repeat(np.arange(n, dtype=np.int32), counts)
+    # pair k of target t's run is source lo[t] + (k - first k of the run)
+    pairs[:, 1] = np.arange(total, dtype=np.int32) + np.repeat((lo - run_end + counts).astype(np.int32), counts)
+    return Alignment(pairs=pairs, n_target=n, n_source=m)
+
+
+def _dense_overlaps(t_span: np.ndarray, s_span: np.ndarray) -> Alignment:
+    """Every overlapping (target, source) pair by direct comparison, in row chunks of <= 16M cells."""
+    n, m = t_span.shape[1], s_span.shape[1]
+    found = []
+    rows = max(1, 2**24 // m)
+    for a in range(0, n, rows):
+        overlap = ((t_span[0, a:a + rows, None] < s_span[1][None, :])
+                   & (s_span[0][None, :] < t_span[1, a:a + rows, None]))
+        t_idx, s_idx = np.nonzero(overlap)
+        found.append(np.stack([t_idx + a, s_idx], axis=1))
+    pairs = np.concatenate(found).astype(np.int32).reshape(-1, 2)
     return Alignment(pairs=pairs, n_target=n, n_source=m)
