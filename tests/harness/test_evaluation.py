@@ -16,6 +16,9 @@ from harness.evaluation.data import BBH_TASKS
 from harness.evaluation.suites import results_to_frame
 from harness.evaluation.taskgen import parse_cot_prompt, write_suite_tasks
 
+# Two cores shared by several sessions: one thread per forward pass is ~10x faster than oversubscribing.
+torch.set_num_threads(1)
+
 MC_DOCS = [
     {"question": "the quick brown fox jumps over the", "choices": ["lazy dog", "early bird", "worm"], "gold": 0},
     {"question": "a stitch in time saves", "choices": ["nine", "the worm", "hello world"], "gold": 0},

@@ -1,0 +1,96 @@
+"""Perplexity per domain: exact against a direct forward pass, batch-size invariant, each token scored once."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tiny
+from harness.evaluation import minipile_texts, perplexity_by_domain
+from harness.evaluation.perplexity import sliding_windows
+
+torch.set_num_threads(1)
+
+TEXTS = {
+    "prose": ["the quick brown fox jumps over the lazy dog and the early bird catches the worm " * 3,
+              "hello world, hello fusion", "a stitch in time saves nine"],
+    "code": ["def add(a, b):\n    return a + b\n" * 4, "for i in range(10):\n    print(i * i)\n"],
+}
+
+
+@pytest.fixture(scope="module")
+def llama(sp_tokenizer):
+    return tiny.tiny_model("llama", sp_tokenizer, seed=0)
+
+
+def test_sliding_windows_score_each_position_once():
+    assert sliding_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    assert sliding_windows(3, 8, 4) == [(0, 3, 1)]
+    for n, window, stride in [(1, 4, 2), (2, 4, 4), (37, 8, 3), (100, 16, 16)]:
+        scored = [t for _, end, first in sliding_windows(n, window, stride) for t in range(first, end)]
+        assert scored == list(range(1, n))
+    with pytest.raises(ValueError, match="stride"):
+        sliding_windows(10, 4, 5)
+
+
+def test_matches_a_direct_forward_pass_when_the_window_covers_the_text(llama, sp_tokenizer):
+    text = TEXTS["prose"][0]
+    ids = [sp_tokenizer.bos_token_id] + sp_tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(llama(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    nll = -sum(float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids)))
+    row = perplexity_by_domain(llama, sp_tokenizer, {"d": [text]}, window=256, stride=128).iloc[0]
+    assert row.n_tokens == len(ids) - 1
+    assert row.n_bytes == len(text.encode("utf-8"))
+    assert row.nll_nats == pytest.approx(nll, rel=1e-5)
+    assert row.token_perplexity == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+    assert row.bits_per_byte == pytest.approx(nll / (math.log(2) * len(text.encode("utf-8"))), rel=1e-5)
+
+
+def test_short_windows_score_every_token_with_limited_context(llama, sp_tokenizer):
+    text = TEXTS["prose"][0]
+    ids = [sp_tokenizer.bos_token_id] + sp_tokenizer.encode(text, add_special_tokens=False)
+    window, stride = 8, 4
+    expected = 0.0
+    with torch.no_grad():
+        for begin, end, first in sliding_windows(len(ids), window, stride):
+            logprobs = torch.log_softmax(llama(input_ids=torch.tensor([ids[begin:end]])).logits[0].double(), -1)
+            expected -= sum(float(logprobs[t - begin - 1, ids[t]]) for t in range(first, end))
+    full = perplexity_by_domain(llama, sp_tokenizer, {"d": [text]}, window=256, stride=128).iloc[0]
+    short = perplexity_by_domain(llama, sp_tokenizer, {"d": [text]}, window=window, stride=stride).iloc[0]
+    assert short.n_tokens == full.n_tokens == len(ids) - 1
+    assert short.nll_nats == pytest.approx(expected, rel=1e-5)
+    assert short.nll_nats != pytest.approx(full.nll_nats, rel=1e-6)   # less context, different score
+
+
+def test_batch_size_does_not_change_the_result(llama, sp_tokenizer):
+    one = perplexity_by_domain(llama, sp_tokenizer, TEXTS, window=16, stride=8, batch_size=1)
+    eight = perplexity_by_domain(llama, sp_tokenizer, TEXTS, window=16, stride=8, batch_size=8)
+    assert list(one.domain) == ["prose", "code"]
+    assert (one.n_tokens == eight.n_tokens).all() and (one.n_bytes == eight.n_bytes).all()
+    for column in ("nll_nats", "token_perplexity", "bits_per_byte"):
+        for a, b in zip(one[column], eight[column]):
+            assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_gpt2_style_tokenizer_uses_eos_as_context(bpe_tokenizer):
+    model = tiny.tiny_model("gpt2", bpe_tokenizer, seed=1)
+    text = "hello world, hello merging"
+    ids = bpe_tokenizer.encode(text, add_special_tokens=False)
+    row = perplexity_by_domain(model, bpe_tokenizer, {"d": [text]}).iloc[0]
+    assert row.n_tokens == len(ids)
+
+
+def test_window_longer_than_the_model_is_refused(llama, sp_tokenizer):
+    with pytest.raises(ValueError, match="window=1024 exceeds the model's 512 positions"):
+        perplexity_by_domain(llama, sp_tokenizer, TEXTS, window=1024, stride=512)
+
+
+def test_minipile_texts_domains_and_seed(shared_data):
+    first = minipile_texts(shared_data, max_docs_per_domain=2, seed=7)
+    assert set(first) == {"wikipedia", "books", "pubmed", "shakespeare", "speeches", "web", "code"}
+    assert all(len(docs) == 2 and all(d.strip() for d in docs) for docs in first.values())
+    assert minipile_texts(shared_data, max_docs_per_domain=2, seed=7) == first
+    assert minipile_texts(shared_data, max_docs_per_domain=2, seed=8) != first
+    assert not first["pubmed"][0].startswith("Context:") and "Question:" not in first["pubmed"][0]
