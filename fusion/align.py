@@ -169,6 +169,10 @@ def offsets_align(target: TokenizedText, source: TokenizedText) -> Alignment:
     falls back to a chunked dense comparison. Returns Alignment, pairs int32 [P, 2] sorted.
     """
     n, m = len(target.ids), len(source.ids)
+    if target.n_bytes != source.n_bytes:
+        raise ValueError(f"offsets_align: target and source tokenize different texts ({target.n_bytes} vs "
+                         f"{source.n_bytes} utf-8 bytes); character offsets only align tokenizations of the "
+                         "same document: tokenize the same text with both tokenizers (tokenize_document)")
     if n == 0 or m == 0:
         return _empty(n, m)
     t_span = _point_spans(target.offsets)

@@ -38,10 +38,11 @@ def reference_dtw(target: list[str], source: list[str], target_marker: str, sour
     return path[::-1]
 
 
-def doc(offsets: list[tuple[int, int]], tokens: list[str] | None = None, marker: str = "") -> TokenizedText:
+def doc(offsets: list[tuple[int, int]], tokens: list[str] | None = None, marker: str = "",
+        n_bytes: int = 11) -> TokenizedText:
     tokens = tokens if tokens is not None else [f"t{i}" for i in range(len(offsets))]
     return TokenizedText(ids=np.arange(len(offsets), dtype=np.int32), tokens=tokens,
-                         offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, 2), marker=marker, n_bytes=0)
+                         offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, 2), marker=marker, n_bytes=n_bytes)
 
 
 def test_registered():
@@ -167,6 +168,11 @@ def test_offsets_non_monotone_source_falls_back_to_dense():
     # source ends 5, 4, 11 are not sorted: the dense path must still find every overlap
     result = offsets_align(doc([(0, 5), (5, 11)]), doc([(0, 5), (3, 4), (5, 11)]))
     assert result.pairs.tolist() == [[0, 0], [0, 1], [1, 2]]
+
+
+def test_offsets_refuses_different_texts():
+    with pytest.raises(ValueError, match=r"different texts \(11 vs 12 utf-8 bytes\)"):
+        offsets_align(doc([(0, 11)]), doc([(0, 12)], n_bytes=12))
 
 
 def test_one_to_one_rule():
