@@ -113,7 +113,7 @@ def resolve_suite_data(suite: str, data_dir: Path | None, languages: tuple[str, 
     for _, root in roots:
         if not _missing(root, files):
             return DataSource("local", root.resolve())
-    if suite != "multipl_e" and all(hf_cache_has(r) for r in BUILTIN_DATASETS[suite]):
+    if all(hf_cache_has(r) for r in BUILTIN_DATASETS[suite]):
         return DataSource("hf_cache", None)
     if not hub_offline():
         return DataSource("hub", None)

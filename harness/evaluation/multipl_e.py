@@ -20,6 +20,16 @@ from .sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 # MultiPL-E's own Python stop tokens (the HumanEval-X rows carry none).
 PYTHON_STOP_TOKENS = ["\ndef ", "\n#", "\nif ", "\nclass ", "\nprint("]
+# The stop tokens every row of a language carries (MultiPL-E "reworded" prompts), for data read from the hub.
+STOP_TOKENS = {
+    "python": PYTHON_STOP_TOKENS,
+    "cpp": ["\n}"], "cs": ["\n    }\n"], "d": ["\n\n", "\nvoid", "\nbool", "\nint"],
+    "go": ["\nfunc", "struct", "\n// "], "java": ["\n    }\n"], "jl": ["\nfunction", "\nmacro", "\n\n"],
+    "js": ["\nfunction ", "\n/*", "\n//", "\nconsole.log"], "lua": ["\nlocal", "\nfunction", "\n--", "\n\n"],
+    "php": ["\nfunction", "\n?>", "\n//", "\n#"], "pl": ["\nsub", "\n#", "\n\n"], "r": ["\n#", "\n```"],
+    "rb": ["\nclass", "\ndef", "\n#", "\n\n"], "rkt": ["\n(define ", "\n#|", "\n;", "\n("], "rs": ["\n}"],
+    "scala": ["\n    }\n"], "sh": ["\n}"], "swift": ["\n}"], "ts": ["\nfunction ", "\n/*", "\n//", "\nclass"],
+}
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ def available_languages() -> tuple[str, ...]:
 
 def stop_tokens(doc: dict, language: str) -> list[str]:
     tokens = doc.get("stop_tokens") or []
-    return list(tokens) if tokens else (PYTHON_STOP_TOKENS if language == "python" else [])
+    return list(tokens) if tokens else list(STOP_TOKENS.get(language, []))
 
 
 def truncate_completion(completion: str, stops: list[str]) -> str:

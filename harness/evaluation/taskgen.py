@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from .data import BBH_TASKS, COMMONSENSE_FILES, multipl_e_file
-from .multipl_e import PYTHON_STOP_TOKENS
+from .multipl_e import STOP_TOKENS
 
 SUITE_DEFAULT_FEWSHOT = {"bbh": 3, "commonsense": 0, "multipl_e": 0}
 BBH_STOP = ["</s>", "Q:", "\n\n"]
@@ -204,14 +204,12 @@ def _multipl_e_config(language: str, data_root: Path | None, max_gen_toks: int) 
         stops = _first_row(path).get("stop_tokens") or []
         dataset = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test"}
     else:
-        # Hub copy: MultiPL-E names Python "py"; every row of a language carries the same stop tokens.
+        # Hub copy (MultiPL-E names Python "py"): every row of a language carries the same stop tokens.
         stops = []
         dataset = {"dataset_path": MULTIPL_E_HUB_DATASET,
                    "dataset_name": f"humaneval-{'py' if language == 'python' else language}", "test_split": "test"}
-        if language != "python":
-            raise ValueError("MultiPL-E from the hub needs local stop tokens; provide the local files instead")
-    if not stops and language == "python":
-        stops = PYTHON_STOP_TOKENS
+    if not stops:
+        stops = STOP_TOKENS[language]
     return {
         "task": multipl_e_task_name(language),
         **dataset,
@@ -238,7 +236,7 @@ def write_suite_tasks(suite: str, data_root: Path | None, out_dir: Path, *, bbh_
     """Write the task YAML of `suite` under `out_dir`; returns (folder, group name, task names).
 
     `num_fewshot` None takes the suite default (bbh 3, commonsense 0); MultiPL-E is always zero-shot.
-    `data_root` None is only valid for MultiPL-E Python from the hub.
+    `data_root` None (MultiPL-E only) reads the hub dataset nuprl/MultiPL-E.
     """
     shots = SUITE_DEFAULT_FEWSHOT[suite] if num_fewshot is None else num_fewshot
     if suite == "bbh":

@@ -166,3 +166,46 @@ def test_results_to_frame_names_metrics():
     assert list(frame.metric) == ["exact_match_get-answer", "acc"]
     assert list(frame.n) == [4, 4]
     assert frame.stderr.iloc[0] == 0.1 and math.isnan(frame.stderr.iloc[1])
+
+
+def test_an_lm_instance_scores_like_the_model_folder(tiny_llama_dir, sp_tokenizer, mc_task_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    settings = EvalSettings(multipl_e_languages=())
+    from_folder = evaluate(tiny_llama_dir, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="m")
+    instance = HFLM(pretrained=tiny.tiny_model("llama", sp_tokenizer, seed=0), tokenizer=sp_tokenizer, batch_size=1)
+    from_instance = evaluate(instance, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="m")
+    assert from_instance.equals(from_folder)
+    assert evaluate(instance, ["tinymc"], settings, include_paths=[mc_task_dir]).model.iloc[0] == "HFLM"
+
+
+def test_bbh_chain_of_thought_variant_runs(tiny_llama_dir, shared_data):
+    settings = EvalSettings(limit=1, max_gen_toks=4, bbh_variant="cot", multipl_e_languages=())
+    frame = evaluate(tiny_llama_dir, ["bbh"], settings, data_dir=shared_data)
+    assert list(frame.task[:-1]) == suite_tasks("bbh", settings)
+    assert frame.task.iloc[-1] == "fuselab_bbh_cot" and frame.n.iloc[-1] == 27
+    assert set(frame.metric) == {"exact_match_get-answer"}
+
+
+def test_data_resolution_order(shared_data, tmp_path, monkeypatch):
+    from harness.evaluation.data import resolve_suite_data
+
+    monkeypatch.setenv("FUSELAB_DATA", str(shared_data))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # An incomplete data_dir falls through to FUSELAB_DATA.
+    assert resolve_suite_data("commonsense", empty).root == shared_data.resolve()
+    assert resolve_suite_data("commonsense", shared_data).kind == "local"
+
+
+def test_multipl_e_yaml_from_local_rows_and_from_the_hub(shared_data, tmp_path):
+    folder, group, names = write_suite_tasks("multipl_e", shared_data, tmp_path / "local", languages=("js", "python"))
+    assert names == ["fuselab_multipl_e_js", "fuselab_multipl_e_python"]
+    js = yaml.safe_load((folder / "fuselab_multipl_e_js.yaml").read_text().replace("!function", ""))
+    assert js["generation_kwargs"]["until"] == ["\nfunction ", "\n/*", "\n//", "\nconsole.log"]
+    assert js["unsafe_code"] is True and js["process_results"] == "fuselab_hooks.multipl_e_js"
+    assert "def multipl_e_python(doc, results)" in (folder / "fuselab_hooks.py").read_text()
+    folder, _, _ = write_suite_tasks("multipl_e", None, tmp_path / "hub", languages=("rs",))
+    rs = yaml.safe_load((folder / "fuselab_multipl_e_rs.yaml").read_text().replace("!function", ""))
+    assert rs["dataset_path"] == "nuprl/MultiPL-E" and rs["dataset_name"] == "humaneval-rs"
+    assert rs["generation_kwargs"]["until"] == ["\n}"]
