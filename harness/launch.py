@@ -16,6 +16,11 @@ Launchers:
 - "deepspeed": DeepSpeed's own launcher (`deepspeed --num_gpus N --module harness.launch JOB`); GPUs only.
 - None / "none": one process with RANK=0, WORLD_SIZE=1, MASTER_ADDR/PORT set, which is what DeepSpeed
   needs to initialise without a launcher (otherwise it looks for mpi4py).
+
+Known limit (transformers 5.24 / accelerate 1.15, CPU only): with DeepSpeed and more than one process
+but no GPU, accelerate reports one process (its backend stays None), the Trainer fills DeepSpeed's "auto"
+train_batch_size for one process and DeepSpeed's batch check fails on every rank. One process under
+torchrun or no launcher works on CPU; several processes are the ordinary path on GPUs (nccl).
 """
 from __future__ import annotations
 
