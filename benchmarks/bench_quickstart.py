@@ -29,11 +29,10 @@ def main() -> None:
     env = {**os.environ, "FUSELAB_WORLD_CACHE": str(world_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     fuselab = [sys.executable, "-m", "harness.cli"]
     sys.path.insert(0, str(REPO))
-    from harness.cache import StageCache
-    from harness.micro import build_micro_world, micro_world_version
+    from harness.micro import build_micro_world
+    from harness.pipeline import world_stage_key
 
-    key = StageCache.key("world", {"kind": "micro", "seed": 0, "version": micro_world_version()})
-    build_micro_world(world_cache / key.key, seed=0, progress=False)  # cached world: not timed
+    build_micro_world(world_cache / world_stage_key(0).key, seed=0, progress=False)  # cached world: not timed
     times = []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as wd:

@@ -80,6 +80,19 @@ def _model_identity(spec: ModelSpec, world_key: StageKey | None) -> dict:
     return {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
 
 
+def world_settings(seed: int) -> dict:
+    """What identifies a micro world: recipe version, sizes and seed."""
+    from dataclasses import asdict
+
+    from harness.micro import DEFAULT_SIZES, micro_world_version
+
+    return {"kind": "micro", "seed": seed, "version": micro_world_version(), "sizes": asdict(DEFAULT_SIZES)}
+
+
+def world_stage_key(seed: int) -> StageKey:
+    return StageCache.key("world", world_settings(seed))
+
+
 def build_plan(cfg: ExperimentConfig) -> Plan:
     cache = StageCache(workdir(cfg) / "cache")
     stages: dict[str, Stage] = {}
@@ -91,10 +104,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
 
     world_key = None
     if cfg.world is not None:
-        from harness.micro import micro_world_version
-
-        world_key = add("world", "world", {"kind": cfg.world.kind, "seed": cfg.world.seed,
-                                           "version": micro_world_version()}).key
+        world_key = add("world", "world", world_settings(cfg.world.seed)).key
         shared = os.environ.get("FUSELAB_WORLD_CACHE")  # one world shared by several work dirs (tests, studies)
         if shared:
             cache.redirect(world_key, Path(shared).expanduser().resolve() / world_key.key)
@@ -429,11 +439,12 @@ class _Runner:
         return {d: root / p for d, p in json.loads((root / "experts.json").read_text()).items()}
 
     def merge(self, method: str, params: dict) -> Path:
-        from baselines.merging import merge_models
+        from baselines.merging import MERGE_METHODS, merge_models
 
         def build(tmp: Path) -> None:
             experts = self.experts()
-            base = Path(self.model_path(self.cfg.target.label))
+            # methods on task vectors use the target (the experts' common ancestor) as the base
+            base = Path(self.model_path(self.cfg.target.label)) if MERGE_METHODS.get(method).needs_base else None
             merge_models([experts[d] for d in sorted(experts)], method, tmp / "model", base_model=base, params=params)
 
         return self.stage(f"merge/{method}", build)

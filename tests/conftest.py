@@ -58,9 +58,8 @@ def tiny_gpt2_dir(tmp_path_factory, bpe_tokenizer):
 @pytest.fixture(scope="session")
 def micro_world():
     """The micro world at the seed the quickstart uses, built once (cached across sessions in .fuselab/)."""
-    from harness.cache import StageCache
-    from harness.micro import build_micro_world, micro_world_version
+    from harness.micro import build_micro_world
+    from harness.pipeline import world_stage_key
 
-    key = StageCache.key("world", {"kind": "micro", "seed": 0, "version": micro_world_version()})
-    root = Path(os.environ["FUSELAB_WORLD_CACHE"]) / key.key
+    root = Path(os.environ["FUSELAB_WORLD_CACHE"]) / world_stage_key(0).key
     return build_micro_world(root, seed=0, progress=False)
