@@ -21,8 +21,9 @@ STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 @dataclass(frozen=True)
 class ExtractionStats:
-    """tokens: positions run through the model (no padding); seconds: wall time of the forward passes;
-    flops: estimated forward FLOPs, 2 * parameters * tokens; *_per_s: per second of that wall time."""
+    """tokens: positions run through the model (no padding); seconds: wall time of the forward passes (with the
+    log_softmax and top-k); flops: estimated forward FLOPs, 2 * matmul parameters * tokens (attention scores not
+    counted); *_per_s: per second of that wall time."""
 
     tokens: int
     seconds: float
@@ -54,8 +55,15 @@ def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) + [eos] for ids in encoded]
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def matmul_parameters(model) -> int:
+    """Parameters that take part in matmuls: all of them but an input embedding not tied to the output layer
+    (an embedding lookup costs no FLOPs). 2 * this is the forward FLOPs per token, 6 * this forward + backward."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    if embedding is not None and (output is None or embedding.weight is not output.weight):
+        total -= embedding.weight.numel()
+    return total
 
 
 def _model_name(model) -> str:
@@ -140,7 +148,7 @@ def extract_distributions(model, tokenizer, texts: list[str], doc_ids: list[int]
         model.train(was_training)
 
     table = _to_table(texts, doc_ids, all_ids, results, k, store_dtype)
-    flops = 2.0 * count_parameters(model) * tokens
+    flops = 2.0 * matmul_parameters(model) * tokens
     stats = ExtractionStats(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
                             flops=flops, flops_per_s=flops / seconds if seconds else 0.0)
     return table, stats

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from .data import FusionCollator, prepare_train_dataset
+from .distributions import matmul_parameters
 from .loss import IGNORE_INDEX, fusion_loss, valid_fusion_positions
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
@@ -55,7 +56,8 @@ class TrainSettings:
 @dataclass
 class TrainResult:
     """losses / clm_losses / fusion_losses: logged value by optimizer step (nats per token);
-    train_runtime: seconds; tokens_per_s: non-padding tokens per second; flops_per_s: 6 * params * tokens / s;
+    train_runtime: seconds; tokens_per_s: non-padding tokens per second; flops_per_s: 6 * matmul parameters * tokens / s
+    (fusion.distributions.matmul_parameters);
     model_dir: where the final model (safetensors) and tokenizer were saved."""
 
     losses: dict[int, float]
@@ -129,7 +131,9 @@ class FusionTrainer(transformers.Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if model.training:
             scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            divisor = 1 if scaled else self.current_gradient_accumulation_steps
+            # current_gradient_accumulation_steps only exists inside Trainer.train (not in a bare training_step)
+            accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            divisor = 1 if scaled else accumulation
             for name in ("clm_loss", "fusion_loss"):
                 if name in parts:
                     self._component_sums[name] = self._component_sums.get(name, 0.0) + parts[name].item() / divisor
@@ -211,7 +215,7 @@ def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, 
     def by_step(key: str) -> dict[int, float]:
         return {int(entry["step"]): float(entry[key]) for entry in history if key in entry and "step" in entry}
 
-    params = sum(p.numel() for p in model.parameters())
+    params = matmul_parameters(model)
     tokens = trainer.tokens_seen
     return TrainResult(losses=by_step("loss"), clm_losses=by_step("clm_loss"), fusion_losses=by_step("fusion_loss"),
                        train_runtime=float(runtime), tokens=tokens,
