@@ -163,8 +163,8 @@ def _problem(rng: random.Random) -> tuple[int, str, int, int]:
     return a, op, b, {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
-def _worked_addition(a: int, b: int) -> str:
-    """Column addition with carries, in words, ending with the full equation."""
+def worked_addition(a: int, b: int) -> str:
+    """Column addition with carries, digit by digit, ending with the full equation."""
     steps = []
     carry = 0
     x, y = a, b
@@ -178,8 +178,43 @@ def _worked_addition(a: int, b: int) -> str:
     return f"Work: {a} + {b}: " + "; ".join(steps) + f"; so {a} + {b} = {a + b}"
 
 
+def worked_multiplication(a: int, b: int) -> str:
+    """Single digit `a` times `b`, digit by digit with carries, ending with the full equation."""
+    steps = []
+    carry = 0
+    y = b
+    while True:
+        dy = y % 10
+        p = a * dy + carry
+        y //= 10
+        term = f"{a} * {dy}" + (f" + {carry}" if carry else "")
+        if not y:
+            steps.append(f"{term} = {p}, write {p}")
+            break
+        carry = p // 10
+        steps.append(f"{term} = {p}, write {p % 10}" + (f", carry {carry}" if carry else ""))
+    return f"Work: {a} * {b}: " + "; ".join(steps) + f"; so {a} * {b} = {a * b}"
+
+
+def _arithmetic_line(rng: random.Random) -> tuple[tuple[int, str, int], str]:
+    """One exercise: a question line (35%), a worked addition (40%) or a worked multiplication (25%).
+
+    Worked lines are mostly deterministic given their operands, so they reward learning the digit
+    facts and the procedure: what separates the arithmetic specialist from the other sources.
+    """
+    kind = rng.random()
+    if kind < 0.35:
+        a, op, b, c = _problem(rng)
+        return (a, op, b), f"Q: {a} {op} {b} = {c}"
+    if kind < 0.75:
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        return (a, "+w", b), worked_addition(a, b)
+    a, b = rng.randint(2, 9), rng.randint(10, 999)
+    return (a, "*w", b), worked_multiplication(a, b)
+
+
 def arithmetic_domain(seed: int, sizes: CorpusSizes) -> dict[str, list[str]]:
-    """Exercise sheets of "Q: a op b = c" lines and worked column additions, each problem in one split only."""
+    """Exercise sheets of "Q: a op b = c" lines and worked problems, each problem in one split only."""
     out: dict[str, list[str]] = {}
     for split in SPLITS:
         rng = random.Random(f"arithmetic:{seed}:{split}")
@@ -191,10 +226,9 @@ def arithmetic_domain(seed: int, sizes: CorpusSizes) -> dict[str, list[str]]:
             lines = [f"Exercise sheet {rng.randint(1, 999)}"]
             length = len(lines[0])
             while length < target:
-                a, op, b, c = _problem(rng)
+                (a, op, b), line = _arithmetic_line(rng)
                 if arithmetic_split_of(seed, a, op, b) != split:
                     continue
-                line = _worked_addition(a, b) if op == "+" and rng.random() < 0.25 else f"Q: {a} {op} {b} = {c}"
                 if length + 1 + len(line) > sizes.doc_max_chars:
                     break
                 lines.append(line)

@@ -49,10 +49,10 @@ class TrainSizes:
     """Training budget of every source: `steps` optimizer steps of `batch` x `seq_len` tokens."""
 
     seq_len: int = 256
-    batch: int = 16
-    steps: int = 120
-    lr: float = 3e-3
-    warmup_steps: int = 10
+    batch: int = 8
+    steps: int = 240
+    lr: float = 1e-2
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     own_fraction: float = 0.85   # share of the training characters from the source's own domain
 
@@ -75,8 +75,12 @@ def model_config(spec: SourceSpec, tokenizer, seq_len: int):
     if spec.model_type == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=h, n_layer=n_layers, n_head=n_heads, n_positions=seq_len,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if spec.model_type == "mpt":
+        return AutoConfig.for_model("mpt", d_model=h, n_layers=n_layers, n_heads=n_heads, max_seq_len=seq_len,
+                                    expansion_ratio=4, resid_pdrop=0.0, emb_pdrop=0.0,
+                                    attn_config={"alibi": True}, **common)
     raise ValueError(f"source {spec.name!r}: unsupported model_type {spec.model_type!r}; "
-                     "use 'llama', 'gpt_neox' or 'gpt2'")
+                     "use 'llama', 'gpt_neox', 'gpt2' or 'mpt'")
 
 
 def read_jsonl(path: Path) -> list[dict]:
