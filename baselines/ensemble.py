@@ -282,7 +282,7 @@ class EnsembleLM(LM):
 
     # -- member forward passes ----------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _forward(self, member: _Member, inputs: list[list[int]]) -> list[torch.Tensor]:
         """Natural-log next-token distributions, float32 [len(ids), member logits dim] per input."""
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
@@ -292,12 +292,11 @@ class EnsembleLM(LM):
             chunk = order[a:a + self.batch_size]
             width = max(len(inputs[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):
                 ids[row, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-                mask[row, :len(inputs[i])] = 1
-            # right padding: real positions never attend to the pads after them
-            logits = member.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device)).logits
+            # Right padding needs no attention mask: under the causal mask real positions never see the pads
+            # after them, and without a padding mask attention keeps its fast causal path (as lm-eval's HFLM).
+            logits = member.model(input_ids=ids.to(self._device)).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(chunk):
                 out[i] = logprobs[row, :len(inputs[i])]
@@ -423,20 +422,24 @@ class EnsembleLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of ensemble log-probs of the continuation's pivot tokens in nats, all greedy?) per request."""
-        results: list[tuple[float, bool]] = []
-        for a in range(0, len(requests), self.batch_size):
-            chunk = requests[a:a + self.batch_size]
-            segments = [self._pair_segment(*req.args) for req in chunk]
-            for req, seg, lp in zip(chunk, segments, self._distributions(segments)):
+        # one pivot tokenization per request, shared by every member
+        segments = [self._pair_segment(*req.args) for req in requests]
+        # longest first over all requests, as lm-eval does, so that batches hold similar lengths (little padding)
+        order = sorted(range(len(requests)), key=lambda i: -len(segments[i].input_ids))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for a in range(0, len(order), self.batch_size):
+            chunk = order[a:a + self.batch_size]
+            for i, lp in zip(chunk, self._distributions([segments[i] for i in chunk])):
+                seg = segments[i]
                 target = torch.as_tensor(seg.observed()[seg.scored])
                 if len(target) == 0:
-                    results.append((0.0, True))
+                    results[i] = (0.0, True)
                     continue
                 score = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(dim=-1) == target).all())
-                results.append((score, greedy))
-                self.cache_hook.add_partial("loglikelihood", req.args, (score, greedy))
-        return results
+                results[i] = (score, greedy)
+                self.cache_hook.add_partial("loglikelihood", requests[i].args, (score, greedy))
+        return results  # type: ignore[return-value]
 
     def _rolling_segments(self, text: str) -> list[_Segment]:
         tok = self.pivot_tokenizer
@@ -483,7 +486,7 @@ class EnsembleLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return results
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _next_logprobs(self, context_ids: list[int], text: str) -> torch.Tensor:
         """Combined pivot-vocabulary log-probs [V] of the token after `context_ids` (which spell `text`)."""
         stacked, avail = [], []
