@@ -495,7 +495,8 @@ class EnsembleLM(LM):
                 ids = context_ids
             else:
                 own = tokenize_document(member.tokenizer, text, add_eos=False)
-                ids = (list(member.start_ids) or ([member.prefix_id] if not len(own) else [])) + [int(i) for i in own.ids]
+                start = list(member.start_ids) or ([member.prefix_id] if not len(own) else [])
+                ids = start + [int(i) for i in own.ids]
             ids = ids[-member.max_length:]
             lp = self._forward(member, [ids])[0]
             stacked.append(self._pivot_rows(member, lp, np.asarray([len(ids) - 1])))
@@ -505,7 +506,9 @@ class EnsembleLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding on the ensemble distribution; stops at the first `until` string (cut off),
-        at the pivot's EOS token, or after max_gen_toks pivot tokens."""
+        at the pivot's EOS token, or after max_gen_toks pivot tokens. Every member conditions on the whole
+        text so far at each step (no KV cache: simple, and fine for short answers). "mince" has no history
+        here and picks the first member."""
         tok = self.pivot_tokenizer
         results = []
         for req in requests:

@@ -37,6 +37,7 @@ def other_vocab_llama_dir(tmp_path_factory, sp_tokenizer):
     vocab[first], vocab[second] = vocab[second], vocab[first]
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), unk_token="<unk>",
                                   bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    assert len(tok) == len(sp_tokenizer) and tok.convert_tokens_to_ids(first) != sp_tokenizer.convert_tokens_to_ids(first)
+    assert len(tok) == len(sp_tokenizer)
+    assert tok.convert_tokens_to_ids(first) != sp_tokenizer.convert_tokens_to_ids(first)
     model = tiny.tiny_model("llama", tok, seed=4)
     return tiny.save_pair(model, tok, tmp_path_factory.mktemp("other-vocab-llama"))

@@ -19,7 +19,8 @@ from fusion.trainer import FusionTrainer, TrainSettings, training_arguments
 torch.set_num_threads(1)
 
 CODE = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n"]
-PROSE = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine and the early bird catches the worm"]
+PROSE = ["the quick brown fox jumps over the lazy dog",
+         "a stitch in time saves nine and the early bird catches the worm"]
 
 
 def settings(**kw):

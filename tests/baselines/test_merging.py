@@ -192,7 +192,8 @@ def test_unmergeable_architectures_fail_fast_naming_both(llama_pool, tiny_gpt2_d
 
 
 def test_unmergeable_shapes_and_vocabularies(llama_pool, wide_llama_dir, other_vocab_llama_dir):
-    with pytest.raises(UnmergeableModelsError, match=r"tensor lm_head\.weight has shape \[\d+, 32\] vs \[\d+, 64\]") as err:
+    wide = r"tensor lm_head\.weight has shape \[\d+, 32\] vs \[\d+, 64\]"
+    with pytest.raises(UnmergeableModelsError, match=wide) as err:
         check_mergeable([llama_pool["a"], wide_llama_dir])
     assert str(wide_llama_dir) in str(err.value)
     with pytest.raises(UnmergeableModelsError, match="tokenizer vocabularies differ") as err:
