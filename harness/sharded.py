@@ -81,7 +81,8 @@ def extract_distributions_sharded(model_spec, texts: list[str], doc_ids: list[in
     """Top-k distributions of one model over `texts`, computed by `nproc` torchrun processes.
 
     model_spec: harness.config.ModelSpec (or a local HF folder path); it is resolved here, once, so the
-    ranks never convert a packaged/GGUF model concurrently. texts/doc_ids as in extract_distributions.
+    ranks never convert a packaged/GGUF model concurrently (a `micro:` ref needs the world: pass its
+    resolved folder instead). texts/doc_ids as in extract_distributions.
     work_dir: job file, per-rank logs and shards (left in place for inspection; the caller owns it).
     threads_per_proc: torch threads per rank (default: CPU cores // nproc, at least 1).
     Returns (dataset sorted by doc_id with the columns of extract_distributions, ExtractionStats summed over
