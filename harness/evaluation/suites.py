@@ -17,7 +17,7 @@ import pandas as pd
 
 from .data import BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, resolve_suite_data
 from .multipl_e import available_languages, toolchain_problem
-from .taskgen import (bbh_group_name, bbh_task_name, commonsense_task_name, multipl_e_task_name,
+from .taskgen import (bbh_task_name, commonsense_task_name, multipl_e_task_name,
                       write_suite_tasks)
 
 COLUMNS = ["model", "suite", "task", "metric", "value", "stderr", "n", "note"]
