@@ -234,7 +234,10 @@ class EnsembleLM(LM):
             member_names = list(names)
         if isinstance(pivot, str) and pivot.lstrip("-").isdigit():
             pivot = int(pivot)
-        self.pivot_tokenizer = pairs[int(pivot)][1] if isinstance(pivot, int) else pivot
+        if isinstance(pivot, int) and not -len(pairs) <= pivot < len(pairs):
+            raise ValueError(f"EnsembleLM: pivot={pivot} but there are {len(pairs)} members; give a member index "
+                             f"or the target's tokenizer")
+        self.pivot_tokenizer = pairs[pivot][1] if isinstance(pivot, int) else pivot
         self.combiner_name = combiner
         self.combiner: Combiner = ENSEMBLE_COMBINERS.get(combiner)
         self.needs_history = ENSEMBLE_COMBINERS.meta(combiner).get("needs_history", False)
@@ -248,6 +251,8 @@ class EnsembleLM(LM):
         self.alignment_name = alignment
         self.align = ALIGNMENTS.get(alignment)
         self.top_k = None if top_k in (None, "None", "") else int(top_k)
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"EnsembleLM: batch_size={batch_size!r}; give a positive integer (no 'auto')")
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)

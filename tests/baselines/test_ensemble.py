@@ -271,3 +271,17 @@ metric_list:
         assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(own, abs=1e-5)
         correct += int(np.argmax(own) == row["gold"])
     assert out["results"]["fuselab_arc4"]["acc,none"] == pytest.approx(correct / 4)
+
+
+def test_bad_arguments_name_the_problem(llamas, sp_tokenizer, tmp_path):
+    members = [(m, sp_tokenizer) for m in llamas]
+    with pytest.raises(ValueError, match="pivot=2 but there are 2 members"):
+        EnsembleLM(members, pivot=2)
+    with pytest.raises(ValueError, match="3 weights for 2 members"):
+        EnsembleLM(members, combiner="weighted", weights=[1, 1, 1])
+    with pytest.raises(KeyError, match="unknown ensemble combiner 'median'.*mean"):
+        EnsembleLM(members, combiner="median")
+    with pytest.raises(KeyError, match="unknown alignment 'magic'"):
+        EnsembleLM(members, alignment="magic")
+    with pytest.raises(ValueError, match="no config.json"):
+        EnsembleLM([str(tmp_path)])
