@@ -17,10 +17,12 @@ Launchers:
 - None / "none": one process with RANK=0, WORLD_SIZE=1, MASTER_ADDR/PORT set, which is what DeepSpeed
   needs to initialise without a launcher (otherwise it looks for mpi4py).
 
-Known limit (transformers 5.24 / accelerate 1.15, CPU only): with DeepSpeed and more than one process
-but no GPU, accelerate reports one process (its backend stays None), the Trainer fills DeepSpeed's "auto"
-train_batch_size for one process and DeepSpeed's batch check fails on every rank. One process under
-torchrun or no launcher works on CPU; several processes are the ordinary path on GPUs (nccl).
+Several DeepSpeed processes without a GPU (transformers 5.24 / accelerate 1.15): TrainingArguments builds
+accelerate's state with no backend, which then counts one process; the Trainer fills DeepSpeed's "auto"
+train_batch_size for one process and DeepSpeed's batch check fails on every rank. The worker therefore
+sets up that state itself with gloo (`_cpu_deepspeed_state`) and flags it in FUSELAB_CONFIGURED_STATE;
+`fusion.trainer.training_arguments` must then pass `accelerator_config={"use_configured_state": True}`
+so the state is kept. On GPUs (nccl) nothing of this is needed.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("torchrun", "deepspeed", "none")
+CONFIGURED_STATE_ENV = "FUSELAB_CONFIGURED_STATE"
 
 
 class LaunchError(RuntimeError):
@@ -145,6 +148,8 @@ def run_worker(job_path: str | Path) -> None:
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     settings = TrainSettings(**job["settings"])
+    if settings.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        _cpu_deepspeed_state()
     loaded = load_model(ModelSpec.model_validate(job["model"]))
     dataset = datasets.load_from_disk(job["dataset"])
     out = Path(job["output"])
@@ -160,6 +165,26 @@ def run_worker(job_path: str | Path) -> None:
         tmp = out / "train_result.json.tmp"
         tmp.write_text(json.dumps(payload, indent=2, default=float))
         os.replace(tmp, out / "train_result.json")
+
+
+def _cpu_deepspeed_state() -> None:
+    """Several DeepSpeed processes without a GPU: set up accelerate's shared state with gloo first.
+
+    TrainingArguments builds accelerate's PartialState with no backend when DeepSpeed is on; without a GPU
+    that state then counts one process, the Trainer fills DeepSpeed's "auto" batch size for one process
+    and DeepSpeed's batch check fails on every rank. A PartialState created first with the gloo backend
+    (the one TrainingArguments later reuses) counts all ranks and still marks the run as DeepSpeed.
+    """
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    # fusion.trainer passes accelerator_config={"use_configured_state": True} when this is set, so that
+    # TrainingArguments keeps the state above instead of resetting it (fusion never imports harness)
+    os.environ[CONFIGURED_STATE_ENV] = "1"
 
 
 def _prepare(cfg, progress: bool):

@@ -17,7 +17,7 @@ import yaml
 import tiny
 from fusion.trainer import DEEPSPEED_PRESETS, TrainSettings, train_target
 from harness.config import ModelSpec
-from harness.launch import LaunchError, launch_training, run_job, worker_command, write_job
+from harness.launch import CONFIGURED_STATE_ENV, LaunchError, launch_training, run_job, worker_command, write_job
 from harness.models import load_model
 
 K = 4
@@ -125,6 +125,30 @@ def test_zero3_under_torchrun_matches_plain_trainer(tiny_llama_dir, fused_datase
 def test_zero2_without_launcher_sets_single_process_env(tiny_llama_dir, fused_dataset_dir, plain_losses, tmp_path):
     losses, _ = _run(tiny_llama_dir, fused_dataset_dir, tmp_path, None, 1, deepspeed="zero2")
     _assert_same(losses, plain_losses)
+
+
+def _trainer_keeps_configured_state() -> bool:
+    import inspect
+
+    import fusion.trainer
+
+    return CONFIGURED_STATE_ENV in inspect.getsource(fusion.trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _trainer_keeps_configured_state(),
+                    reason="fusion.trainer.training_arguments does not yet pass accelerator_config="
+                           "{'use_configured_state': True} when FUSELAB_CONFIGURED_STATE=1 (CPU multi-process ZeRO)")
+def test_zero2_two_processes_match_one_process_with_accumulation(tiny_llama_dir, fused_dataset_dir, tmp_path):
+    # 2 ranks x 2 sequences = 1 process x 2 sequences x 2 accumulation steps: same batches, same update
+    loaded = load_model(ModelSpec(ref=str(tiny_llama_dir)))
+    accum = replace(SETTINGS, grad_accum=2, max_steps=2)
+    plain = train_target(loaded.model, loaded.tokenizer, datasets.load_from_disk(str(fused_dataset_dir)),
+                         tmp_path / "plain", accum, lam=0.9)
+    losses, result = _run(tiny_llama_dir, fused_dataset_dir, tmp_path, "torchrun", 2, deepspeed="zero2", max_steps=2)
+    assert result["world_size"] == 2 and sorted(losses) == [1, 2]
+    for step in (1, 2):
+        assert abs(losses[step] - plain.losses[step]) < 1e-4, (step, losses, plain.losses)
 
 
 def test_failed_job_names_stage_and_log(tiny_llama_dir, tmp_path):
