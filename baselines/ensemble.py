@@ -357,8 +357,12 @@ class EnsembleLM(LM):
         lost = (1.0 - mapped.sum(dim=-1, keepdim=True)).clamp(min=0.0)
         return (mapped + lost / V).log()
 
-    def _distributions(self, segments: list[_Segment], full_positions: bool = True):
-        """Per segment: combined log-probs [P, V] at its scored positions."""
+    def _distributions(self, segments: list[_Segment], nll_totals: list | None = None):
+        """Per segment: combined log-probs [P, V] at its scored positions.
+
+        nll_totals: when a list, each segment appends (nats summed [M], positions counted [M]): every
+        member's own cross-entropy on the pivot tokens where it contributes (MinCE history for generation).
+        """
         per_member = []
         for member in self.members:
             views = [self._member_view(member, seg) for seg in segments]
@@ -368,7 +372,7 @@ class EnsembleLM(LM):
         for k, seg in enumerate(segments):
             obs = seg.observed()
             T = len(obs)
-            needed = seg.scored if not self.needs_history else np.arange(T)
+            needed = seg.scored if not (self.needs_history or nll_totals is not None) else np.arange(T)
             stacked, avail = [], []
             for member, (views, logprobs) in zip(self.members, per_member):
                 pos_map = views[k][1]
@@ -379,12 +383,14 @@ class EnsembleLM(LM):
             lp = torch.stack(stacked)                 # [M, N, V]
             av = torch.stack(avail)                   # [M, N]
             history = torch.full(av.shape, math.inf)
-            if self.needs_history:
+            if self.needs_history or nll_totals is not None:
                 o = torch.as_tensor(obs)
                 counted = av & (o >= 0)[None]
                 nll = torch.where(counted, -lp.gather(-1, o.clamp(min=0)[None, :, None].expand(len(lp), -1, 1))[..., 0],
                                   torch.zeros(()))
                 # mean CE over positions strictly before t (causal), inf before the first one
+                if nll_totals is not None:
+                    nll_totals.append((nll.sum(dim=1), counted.sum(dim=1)))
                 csum = torch.cumsum(nll, dim=1) - nll
                 ccount = torch.cumsum(counted.float(), dim=1) - counted.float()
                 history = torch.where(ccount > 0, csum / ccount.clamp(min=1), torch.full_like(csum, math.inf))
@@ -492,8 +498,10 @@ class EnsembleLM(LM):
         return results
 
     @torch.inference_mode()
-    def _next_logprobs(self, context_ids: list[int], text: str) -> torch.Tensor:
-        """Combined pivot-vocabulary log-probs [V] of the token after `context_ids` (which spell `text`)."""
+    def _next_logprobs(self, context_ids: list[int], text: str,
+                       history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pivot-vocabulary log-probs of the token after `context_ids` (which spell `text`): combined [V]
+        and per member [M, V]. history: [M] members' mean CE so far (nats/token; for "mince")."""
         stacked, avail = [], []
         for member in self.members:
             if member.shares_pivot:
@@ -507,13 +515,28 @@ class EnsembleLM(LM):
             stacked.append(self._pivot_rows(member, lp, np.asarray([len(ids) - 1])))
             avail.append(torch.ones(1, dtype=torch.bool))
         lp = torch.stack(stacked)
-        return self.combiner(lp, torch.stack(avail), self.weights, torch.full((len(lp), 1), math.inf))[0]
+        return self.combiner(lp, torch.stack(avail), self.weights, history[:, None])[0], lp[:, 0]
+
+    def _context_nll(self, context: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Members' summed CE (nats) [M] and counted pivot tokens [M] on `context`; zeros unless "mince"."""
+        total = torch.zeros(len(self.members))
+        count = torch.zeros(len(self.members))
+        if not self.needs_history or not context:
+            return total, count
+        collected: list = []
+        segments = self._rolling_segments(context)
+        for a in range(0, len(segments), self.batch_size):
+            chunk = segments[a:a + self.batch_size]
+            self._distributions(chunk, nll_totals=collected)
+        for s, c in collected:
+            total, count = total + s, count + c.float()
+        return total, count
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding on the ensemble distribution; stops at the first `until` string (cut off),
         at the pivot's EOS token, or after max_gen_toks pivot tokens. Every member conditions on the whole
-        text so far at each step (no KV cache: simple, and fine for short answers). "mince" has no history
-        here and picks the first member."""
+        text so far at each step (no KV cache: simple, and fine for short answers). "mince" picks, at each
+        step, the member with the lowest mean CE on the context and the tokens generated so far."""
         tok = self.pivot_tokenizer
         results = []
         for req in requests:
@@ -527,12 +550,18 @@ class EnsembleLM(LM):
             if not ctx_ids:
                 ctx_ids = [self.pivot_prefix_id]
             ctx_decoded = tok.decode(ctx_ids, skip_special_tokens=True)
+            nll_sum, nll_count = self._context_nll(context)
             generated: list[int] = []
             text = ""
             for _ in range(max_new):
-                nxt = int(self._next_logprobs(ctx_ids + generated, context + text).argmax())
+                history = torch.where(nll_count > 0, nll_sum / nll_count.clamp(min=1),
+                                      torch.full_like(nll_sum, math.inf))
+                combined, per_member = self._next_logprobs(ctx_ids + generated, context + text, history)
+                nxt = int(combined.argmax())
                 if nxt == tok.eos_token_id:
                     break
+                nll_sum = nll_sum - per_member[:, nxt]
+                nll_count = nll_count + 1
                 generated.append(nxt)
                 text = tok.decode(ctx_ids + generated, skip_special_tokens=True)[len(ctx_decoded):]
                 hits = [text.index(s) for s in until if s and s in text]

@@ -285,3 +285,27 @@ def test_bad_arguments_name_the_problem(llamas, sp_tokenizer, tmp_path):
         EnsembleLM(members, alignment="magic")
     with pytest.raises(ValueError, match="no config.json"):
         EnsembleLM([str(tmp_path)])
+
+
+def test_mince_generation_follows_the_member_with_the_lowest_running_ce(llamas, sp_tokenizer):
+    context = "hello world, hello"
+    ctx = sp_tokenizer(context, add_special_tokens=False)["input_ids"]
+    rolled = [sp_tokenizer.bos_token_id] + ctx
+    # history: each member's CE on the context (as a rolling text), then on every token generated
+    nll = torch.stack([-own_logprobs(m, rolled)[torch.arange(len(ctx)), torch.tensor(ctx)].sum() for m in llamas])
+    count, generated, chosen_members = len(ctx), [], []
+    for _ in range(6):
+        chosen = int(torch.argmin(nll / count))
+        rows = torch.stack([own_logprobs(m, ctx + generated)[-1] for m in llamas])
+        nxt = int(rows[chosen].argmax())
+        chosen_members.append(chosen)
+        if nxt == sp_tokenizer.eos_token_id:
+            break
+        generated.append(nxt)
+        nll, count = nll - rows[:, nxt], count + 1
+    want = sp_tokenizer.decode(ctx + generated, skip_special_tokens=True)[
+        len(sp_tokenizer.decode(ctx, skip_special_tokens=True)):]
+    ens = EnsembleLM([(m, sp_tokenizer) for m in llamas], combiner="mince")
+    (got,) = ens.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 6}), 0)])
+    assert got == want and len(got) > 0
+    assert 1 in chosen_members   # not the "first member" fallback: the history decided
