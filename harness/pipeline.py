@@ -481,9 +481,11 @@ class _Runner:
             members = self.cfg.baselines.ensemble.members or [s.label for s in self.cfg.sources]
             loaded = [load_model(self.spec(m), world=self.world) for m in members]
             pivot = self.tokenizer(self.cfg.target.label)
-            lm = EnsembleLM(members=[(l.model, l.tokenizer) for l in loaded], pivot_tokenizer=pivot,
+            s = self.cfg.evaluation.settings
+            lm = EnsembleLM(members=[(l.model, l.tokenizer) for l in loaded], pivot=pivot,
                             combiner=self.cfg.baselines.ensemble.combiner, alignment=self.cfg.fusion.alignment,
-                            vocab_map=self.cfg.fusion.vocab_map, batch_size=self.cfg.evaluation.settings.batch_size)
+                            vocab_map=self.cfg.fusion.vocab_map, batch_size=s.batch_size,
+                            max_gen_toks=s.max_gen_toks, names=members)
             yield name, lm, None
         elif name == "domain_pool":
             for domain, folder in sorted(self.experts().items()):
@@ -530,6 +532,17 @@ def _import_registered_methods() -> None:
     import fusion.align  # noqa: F401
     import fusion.fuse  # noqa: F401
     import fusion.vocab  # noqa: F401
+
+
+def _quiet_libraries() -> None:
+    # Our own per-stage lines are the progress report; per-file "Loading weights" bars drown them.
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
 
 def _load_folder(folder: Path):
@@ -622,6 +635,7 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
 
     torch.manual_seed(cfg.seed)
     _import_registered_methods()
+    _quiet_libraries()
     plan = build_plan(cfg)
     plan.cache.clean_stale()
     run_dir = workdir(cfg) / "runs" / f"{cfg.name}-{cfg.content_hash()}"
