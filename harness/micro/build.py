@@ -178,12 +178,12 @@ def _train_sources(tmp: Path, seed: int, sizes: MicroSizes, progress: bool, whil
         job = {"spec": asdict(spec), "seed": seed, "train_sizes": asdict(sizes.train),
                "corpus_dir": str(tmp / "corpus"), "out_dir": str(tmp / "models" / spec.name),
                "result_path": str(tmp / "jobs" / f"{spec.name}.result.json"), "parent_pid": os.getpid(),
-               "progress": progress}
+               "progress": True}  # without `progress` its lines still go to logs/<name>.log
         job_path = tmp / "jobs" / f"{spec.name}.json"
         job_path.write_text(json.dumps(job, indent=1))
         log = open(tmp / "logs" / f"{spec.name}.log", "w")
         cmd = [sys.executable, "-m", "harness.micro.worker", str(job_path)]
-        # With progress the worker's lines go to our stderr; the log then keeps only stdout.
+        # With progress the worker's lines go to our stderr, else to its log; the log always keeps stdout.
         procs[spec.name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=None if progress else log), log)
     try:
         while_training()

@@ -245,10 +245,18 @@ _BUILDERS = {"docs": docs_domain, "code": code_domain, "arithmetic": arithmetic_
 def build_corpus(seed: int, sizes: CorpusSizes = CorpusSizes()) -> dict[str, list[dict]]:
     """Rows per split for all `DOMAINS`: ``{"train"|"validation"|"test": [{"doc_id", "domain", "text"}]}``.
 
-    Row order: split, then domain in `DOMAINS` order, then document order; doc_ids count up across
+    No text occurs twice (duplicates are dropped, the first occurrence in train, validation, test order
+    kept). Row order: split, then domain in `DOMAINS` order, then document order; doc_ids count up across
     train, validation and test in that order. Same seed and Python installation -> identical rows.
     """
     per_domain = {domain: _BUILDERS[domain](seed, sizes) for domain in DOMAINS}
+    # Some stdlib files repeat each other's code verbatim: a held-out document must not be a training one.
+    for splits in per_domain.values():
+        seen: set[str] = set()
+        for split in SPLITS:
+            kept = [t for t in dict.fromkeys(splits[split]) if t not in seen]
+            seen.update(kept)
+            splits[split] = kept
     rows: dict[str, list[dict]] = {}
     doc_id = 0
     for split in SPLITS:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPECTED_SOURCES = {  # name -> (model_type, specialty, word-boundary marker, vocabulary size)
     "llama-docs": ("llama", "docs", "▁", 1024),
     "neox-code": ("gpt_neox", "code", "Ġ", 768),
-    "gpt2-arithmetic": ("gpt2", "arithmetic", "Ġ", 512),
+    "mpt-arithmetic": ("mpt", "arithmetic", "Ġ", 512),
 }
 ARITHMETIC = re.compile(r"^Q: (\d+) ([+\-*]) (\d+) = (\d+)$", re.MULTILINE)
 
@@ -149,7 +149,7 @@ def test_micro_tasks_run_through_lm_eval(micro_world: MicroWorld):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    folder = micro_world.models["gpt2-arithmetic"]
+    folder = micro_world.models["mpt-arithmetic"]
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=["micro"],
                                   task_manager=TaskManager(include_path=str(micro_world.tasks_dir)), limit=3,
                                   device="cpu", batch_size=4)
