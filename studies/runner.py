@@ -81,13 +81,14 @@ class StudyStorage(RDBStorage):
                 return super().set_trial_state_values(trial_id, state, values)
         return super().set_trial_state_values(trial_id, state, values)
 
-    def create_new_trial(self, study_id, template_trial=None):
+    def _create_new_trial(self, study_id, template_trial=None):
+        # Optuna's cache layer calls this private method directly (create_new_trial delegates to it).
         if template_trial is not None:  # enqueued points and retries of dead trials
-            return super().create_new_trial(study_id, template_trial)
+            return super()._create_new_trial(study_id, template_trial)
         with self._lock():
             if not self._may_create(study_id):
                 raise NoTrialLeft()
-            return super().create_new_trial(study_id, template_trial)
+            return super()._create_new_trial(study_id, template_trial)
 
 
 def _counted(t: FrozenTrial) -> bool:
@@ -125,7 +126,9 @@ class _DeadTrialHandler:
 
     def __init__(self, tracker: Tracker | None, max_retries: int, grace: int):
         self.tracker = tracker
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
         self.grace = grace
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -235,7 +238,8 @@ class Objective:
 
 
 def _requeue(trial: optuna.Trial, max_retries: int) -> None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(trial.study, frozen)
 
