@@ -47,18 +47,6 @@ def clm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None
     return total / num_items_in_batch
 
 
-def _nll_from_logprobs(logprobs: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    vocab_size = logprobs.shape[-1]
-    targets = shift_labels(labels).contiguous().view(-1).to(logprobs.device)
-    flat = logprobs.view(-1, vocab_size)
-    if num_items_in_batch is None:
-        return F.nll_loss(flat, targets, ignore_index=IGNORE_INDEX, reduction="mean")
-    total = F.nll_loss(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
 def fused_target(fused_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """fused_probs [B, L, K] -> the target distribution over the K slots, p^(1/T) renormalised, [B, L, K] float32.
 
@@ -71,22 +59,6 @@ def fused_target(fused_probs: torch.Tensor, temperature: float) -> torch.Tensor:
         probs = probs.pow(1.0 / temperature)
     total = probs.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, probs / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(probs))
-
-
-def soft_cross_entropy_sum(logprobs: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Tensor,
-                           fused_probs: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over valid positions of -sum_k q_k * logprobs[id_k], and the number of valid positions.
-
-    logprobs [B, L, V] (the student's log_softmax, float32); labels [B, L]; fused_ids [B, L, K] (int);
-    fused_probs [B, L, K]. Returns (nats summed over positions, scalar float32; count, scalar int64).
-    """
-    if fused_ids.shape != fused_probs.shape or fused_ids.shape[:2] != logprobs.shape[:2]:
-        raise ValueError(f"fused_ids {tuple(fused_ids.shape)} and fused_probs {tuple(fused_probs.shape)} must both "
-                         f"be [B, L, K] with B, L of logits {tuple(logprobs.shape)}")
-    valid = valid_fusion_positions(labels, fused_probs)
-    target = fused_target(fused_probs, temperature) * valid.unsqueeze(-1)        # [B, L, K]
-    student = logprobs.gather(-1, fused_ids.to(logprobs.device).long())          # [B, L, K]
-    return -(target * student).sum(), valid.sum()
 
 
 def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Tensor | None,
@@ -110,11 +82,25 @@ def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Ten
     if fused_ids is None or fused_probs is None:
         raise ValueError(f"lam={lam} < 1 needs fused_ids and fused_probs (a fused dataset); "
                          "only lam=1 (CLM-only) trains from input_ids alone")
-    # One log_softmax serves both terms (cross_entropy is log_softmax + nll_loss inside), so the fusion term
-    # costs a [B, L, K] gather on top of the CLM loss and no second pass over the vocabulary.
+    # One log_softmax serves both terms, and one gather reads the label and the K fused ids together: the
+    # backward then scatters into a single [B, L, V] gradient, exactly as cross_entropy alone does, so the
+    # fusion term adds only [B, L, K] work to the CLM loss.
+    if fused_ids.shape != fused_probs.shape or fused_ids.shape[:2] != logits.shape[:2]:
+        raise ValueError(f"fused_ids {tuple(fused_ids.shape)} and fused_probs {tuple(fused_probs.shape)} must both "
+                         f"be [B, L, K] with B, L of logits {tuple(logits.shape)}")
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    clm = _nll_from_logprobs(logprobs, labels, num_items_in_batch)
-    total, count = soft_cross_entropy_sum(logprobs, labels, fused_ids, fused_probs, temperature)
+    targets = shift_labels(labels).to(logprobs.device)
+    clm_mask = targets != IGNORE_INDEX
+    ids = torch.cat([targets.clamp_min(0).unsqueeze(-1), fused_ids.to(logprobs.device).long()], dim=-1)
+    gathered = logprobs.gather(-1, ids)                                           # [B, L, 1 + K]
+    clm_total = -gathered[..., 0].masked_fill(~clm_mask, 0.0).sum()
+    clm_denominator = num_items_in_batch if num_items_in_batch is not None else clm_mask.sum()
+    if torch.is_tensor(clm_denominator):
+        clm_denominator = clm_denominator.to(clm_total.device)
+    clm = clm_total / clm_denominator
+    valid = valid_fusion_positions(labels, fused_probs).to(logprobs.device)
+    target = fused_target(fused_probs.to(logprobs.device), temperature) * valid.unsqueeze(-1)
+    total, count = -(target * gathered[..., 1:]).sum(), valid.sum()
     denominator = num_fused_in_batch if num_fused_in_batch is not None else count
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)
