@@ -105,8 +105,7 @@ class TrainingSpec(_Strict):
     bf16: bool = False
     packing: bool = True
     reset_attention_across_documents: bool = False  # reference: packing without reset
-    add_bos: bool = False  # reference: no BOS, EOS appended
-    add_eos: bool = True
+    add_bos: bool = False  # reference: no BOS (EOS is always appended, as the reference does)
     deepspeed: str | None = None  # zero2 | zero3 | path to a JSON config
     logging_steps: int = Field(5, ge=1)
 

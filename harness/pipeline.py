@@ -111,14 +111,12 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     ident = {s.label: _model_identity(s, world_key) for s in [cfg.target, *cfg.sources]}
     world_in = ["world"] if world_key else []
     add("corpus", "corpus", {"corpus": cfg.corpus.model_dump(mode="json"), "block_size": cfg.training.block_size,
-                             "tokenizers": sorted(json.dumps(v, sort_keys=True) for v in ident.values()),
-                             "bos": cfg.training.add_bos, "eos": cfg.training.add_eos}, world_in)
+                             "tokenizers": sorted(json.dumps(v, sort_keys=True) for v in ident.values())}, world_in)
     f = cfg.fusion
     models = [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]
     for spec in models:
         add(f"distributions/{spec.label}", "distributions",
-            {"model": ident[spec.label], "k": f.top_k, "dtype": f.store_dtype, "bos": cfg.training.add_bos,
-             "eos": cfg.training.add_eos}, ["corpus"])
+            {"model": ident[spec.label], "k": f.top_k, "dtype": f.store_dtype}, ["corpus"])
     fuse_inputs = [f"distributions/{cfg.target.label}"]
     for spec in cfg.sources:
         if spec.label == cfg.target.label:
@@ -323,7 +321,7 @@ class _Runner:
             vm = VocabMap(np.load(self.plan.path(f"vocab/{label}") / "source_to_target.npy"), f.vocab_map)
             align_fn = ALIGNMENTS.get(f.alignment)
             tgt_tok, src_tok = self.tokenizer(self.cfg.target.label), self.tokenizer(label)
-            bos, eos = self.cfg.training.add_bos, self.cfg.training.add_eos
+            bos, eos = False, True  # as extraction tokenizes (reference); BOS is a training-time option
             by_id = {r["doc_id"]: r for r in train_rows}
             out = {"doc_id": [], "ids": [], "probs": [], "ce": [], "bpb": []}
             n_one_to_one = n_used = n_target = 0
@@ -374,8 +372,7 @@ class _Runner:
             chosen: dict[str, int] = {}
             for row in _iter(tgt_ds, self.progress, "fuse"):
                 doc = row["doc_id"]
-                tt = tokenize_document(tok, by_id[doc]["text"], add_bos=self.cfg.training.add_bos,
-                                       add_eos=self.cfg.training.add_eos)
+                tt = tokenize_document(tok, by_id[doc]["text"], add_bos=False, add_eos=True)
                 t_ids, t_lp, _ = topk_arrays(row, k)
                 cands = [Candidate(t_ids.astype(np.int32), np.exp(t_lp.astype(np.float32)), float(row[f.score]))]
                 names = [tgt_label]
@@ -407,7 +404,9 @@ class _Runner:
             lm = self.model(self.cfg.target.label)
             res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", train_settings(self.cfg),
                                lam=lam, temperature=self.cfg.fusion.temperature)
-            (tmp / "train_result.json").write_text(json.dumps(_asdict(res), indent=2, default=float))
+            record = _asdict(res)
+            record["model_dir"] = "model"  # relative: the stage folder is renamed into place
+            (tmp / "train_result.json").write_text(json.dumps(record, indent=2, default=float))
 
         return self.stage(name, build)
 
@@ -416,8 +415,7 @@ class _Runner:
         from fusion.tokens import tokenize_document
 
         tok = self.tokenizer(self.cfg.target.label)
-        ids = [tokenize_document(tok, r["text"], add_bos=self.cfg.training.add_bos,
-                                 add_eos=self.cfg.training.add_eos).ids.astype(np.int32) for r in train_rows]
+        ids = [tokenize_document(tok, r["text"], add_bos=False, add_eos=True).ids.astype(np.int32) for r in train_rows]
         return datasets.Dataset.from_dict({"doc_id": [r["doc_id"] for r in train_rows], "input_ids": ids})
 
     def domain_pool(self, train_rows: list[dict]) -> Path:
@@ -581,8 +579,7 @@ def train_settings(cfg: ExperimentConfig, **overrides):
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(TrainSettings)}
-    extra = {"reset_attention_across_documents": t.reset_attention_across_documents, "add_bos": t.add_bos,
-             "add_eos": t.add_eos}
+    extra = {"cross_document_attention": not t.reset_attention_across_documents, "add_bos": t.add_bos}
     fields.update({k: v for k, v in extra.items() if k in names})
     return TrainSettings(**{k: v for k, v in fields.items() if k in names})
 
@@ -699,7 +696,11 @@ def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentRe
     for name in ("fusellm", "clm"):
         p = plan.path(f"train/{name}") / "train_result.json" if f"train/{name}" in plan.stages else None
         if p is not None and p.is_file():
-            losses[name] = [tuple(x) for x in json.loads(p.read_text()).get("losses", [])]
+            rec = json.loads(p.read_text())
+            for curve in ("losses", "clm_losses", "fusion_losses"):
+                pts = sorted((int(step), float(v)) for step, v in rec.get(curve, {}).items())
+                if pts:
+                    losses[name if curve == "losses" else f"{name}/{curve.removesuffix('es')}"] = pts
     metrics: dict[str, float] = {}
     for _, row in results.iterrows():
         for col in results.columns[2:]:
@@ -732,6 +733,6 @@ def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> N
     tracker.log_metrics({f"stage_seconds/{k}": v for k, v in result.stage_timings.items()})
     tracker.log_metrics({"cache_hits": result.cache_hits, "stages_run": result.stages_run})
     for name, pts in result.losses.items():
-        tracker.log_curve(f"{name}/train_loss", pts)
+        tracker.log_curve(f"loss/{name}", pts)
     tracker.log_table(result.results, "results.csv")
     tracker.log_table(result.eval_long, "eval_long.csv")
