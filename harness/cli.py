@@ -83,7 +83,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from harness.report import ui_main  # noqa: F401  (ui lives with tracking/report helpers)
+    from harness.tracking import ui_main
 
     ui_main(Path(args.workdir), host=args.host, port=args.port, block=True)
     return 0
