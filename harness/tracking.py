@@ -135,9 +135,10 @@ class Tracker:
         if not experiment or not str(experiment).strip():
             raise ValueError("Tracker: experiment name is empty (set tracking.experiment or the experiment name)")
         self.experiment_name = str(experiment)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self._stack: list[str] = []
         with file_lock(_lock_for(self.uri, self.workdir)):
+            # The client migrates a new SQLite schema on creation; two workers doing it at once collide.
+            self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 try:
