@@ -57,7 +57,11 @@ def results_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
         raise ValueError("results_from_runs: no run has a fuselab.model tag (pass the per-model runs of an "
                          "experiment, i.e. the children of its run)")
     rows = runs[runs["tags.fuselab.model"].notna()]
-    metric_cols = [c for c in rows.columns if c.startswith("metrics.") and "/" not in c[len("metrics."):]]
+    if "start_time" in rows.columns:  # the pipeline logs models in table order; search_runs returns newest first
+        rows = rows.sort_values("start_time", kind="stable")
+    # Per-model runs also hold the training-loss history (`train_loss`); the table takes the scores only.
+    metric_cols = [c for c in rows.columns if c.startswith("metrics.") and "/" not in c[len("metrics."):]
+                   and not c.endswith("loss")]
     out = pd.DataFrame({"model": rows["tags.fuselab.model"].values, "method": rows["tags.fuselab.method"].values})
     for c in metric_cols:
         out[c[len("metrics."):]] = rows[c].values
@@ -438,7 +442,7 @@ def write_study_report(study, out_dir: Path, *, tracker=None, run_id: str | None
 # ------------------------------------------------------------------------------------------- MLflow
 def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
     """Read an experiment run back: the per-model child runs (results), `eval_long.csv` (artifact, for
-    per-task scores and error bars) and `<method>/train_loss` metric histories."""
+    per-task scores and error bars) and the `loss/<method>` metric histories."""
     run = client.get_run(run_id)
     children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
                                   max_results=10000)
@@ -458,16 +462,19 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
         pass
     losses = {}
     for key in run.data.metrics:
-        if key.endswith("/train_loss"):
+        # `loss/<method>` (Tracker.log_result and the pipeline); `<method>/train_loss` from older runs
+        method = key[len("loss/"):] if key.startswith("loss/") else key[: -len("/train_loss")] \
+            if key.endswith("/train_loss") else None
+        if method:
             hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-            losses[key.split("/")[0]] = [(m.step, m.value) for m in hist]
+            losses[method] = [(m.step, m.value) for m in hist]
     return ExperimentData(run.info.run_name or run_id, results, eval_long, losses)
 
 
 def _runs_frame(runs) -> pd.DataFrame:
     rows = []
     for r in runs:
-        row = {"run_id": r.info.run_id, "status": r.info.status}
+        row = {"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time}
         row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
         row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
         row.update({f"params.{k}": v for k, v in r.data.params.items()})
