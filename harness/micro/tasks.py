@@ -7,7 +7,7 @@ lm-eval YAML with ``dataset_path: json`` and an absolute ``data_files`` path, gr
 - arithmetic: "Q: 17 + 25 =" -> choices ["42", "43", "32", "52"] / generate "42" (exact match).
 - docs: a held-out sentence up to its final word -> choices [that word, 3 other words of the document]
   / generate the final word.
-- code: up to 8 preceding lines of held-out source -> choices [the next line, 3 lines of other files
+- code: up to 8 preceding lines (at most 400 characters) of held-out source -> choices [the next line, 3 lines of other files
   re-indented alike] / generate the next line (exact match, surrounding whitespace ignored).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ _ARITHMETIC_LINE = re.compile(r"^Q: (\d+) ([+\-*]) (\d+) = (\d+)$", re.MULTILINE
 # The final word of a sentence: " <lowercase word>." followed by whitespace or the end of the document.
 _SENTENCE_END = re.compile(r"(?<= )([a-z]{3,})\.(?=\s|$)")
 _CODE_CONTEXT_LINES = 8
+_CODE_CONTEXT_CHARS = 400
 
 
 def task_names(domains: list[str]) -> list[str]:
@@ -91,7 +92,11 @@ def _code_items(rows: list[dict], rng: random.Random) -> tuple[list[dict], list[
         lines = doc_lines[d]
         gold = lines[i]
         indent = gold[: len(gold) - len(gold.lstrip())]
-        context = "\n".join(lines[max(0, i - _CODE_CONTEXT_LINES): i]) + "\n"
+        context_lines = lines[max(0, i - _CODE_CONTEXT_LINES): i]
+        # Keep contexts well inside the sources' 256-token window.
+        while len(context_lines) > 1 and sum(len(x) + 1 for x in context_lines) > _CODE_CONTEXT_CHARS:
+            context_lines = context_lines[1:]
+        context = "\n".join(context_lines) + "\n"
         others = []
         while len(others) < 3:
             od, oi = candidates[rng.randrange(len(candidates))]
@@ -123,10 +128,12 @@ def task_yamls(tasks_dir: Path, domains: list[str]) -> dict[str, str]:
                               {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
               "metadata": {"version": 1.0}}
         until = {"arithmetic": ["\n"], "docs": [".", ",", "\n"], "code": ["\n"]}[domain]
+        # Answers are a number, a word, a line: short limits keep generation cheap on CPU.
+        max_gen_toks = {"arithmetic": 8, "docs": 16, "code": 48}[domain]
         gen = {"task": gen_name, **common,
                "dataset_kwargs": {"data_files": {"test": str(tasks_dir / "data" / f"{gen_name}.jsonl")}},
                "output_type": "generate_until", "doc_to_target": "answer",
-               "generation_kwargs": {"until": until, "max_gen_toks": 32, "do_sample": False},
+               "generation_kwargs": {"until": until, "max_gen_toks": max_gen_toks, "do_sample": False},
                "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
                                                             {"function": "take_first"}]}],
                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
