@@ -7,8 +7,8 @@ lm-eval YAML with ``dataset_path: json`` and an absolute ``data_files`` path, gr
 - arithmetic: "Q: 17 + 25 =" -> choices ["42", "43", "32", "52"] / generate "42" (exact match).
 - docs: a held-out sentence up to its final word -> choices [that word, 3 other words of the document]
   / generate the final word.
-- code: up to 8 preceding lines (at most 400 characters) of held-out source -> choices [the next line, 3 lines of other files
-  re-indented alike] / generate the next line (exact match, surrounding whitespace ignored).
+- code: up to 8 preceding lines (at most 400 characters) of held-out source -> choices [the next line,
+  3 lines of other files re-indented alike] / generate the next line (exact match, whitespace stripped).
 """
 from __future__ import annotations
 
