@@ -43,6 +43,7 @@ TAG_STUDY = "fuselab.study"
 TAG_CONFIG_HASH = "fuselab.config_hash"
 TAG_EXPERIMENT = "fuselab.experiment"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI uses to nest runs
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 # What a study records in Optuna (studies.runner writes, harness.report reads).
 ATTR_RUNS = "fuselab.runs"  # trial: [{"seed": int, "metrics": {name: float}}], one per seed it ran
@@ -154,6 +155,9 @@ class Tracker:
                         f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use another name"
                     )
                 self.experiment_id = exp.experiment_id
+            if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+                # Without it MLflow 3's UI opens a GenAI trace dashboard instead of the runs table.
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
 
     # -- runs -------------------------------------------------------------------------------------
     @property
