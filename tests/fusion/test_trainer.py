@@ -130,3 +130,42 @@ def test_deepspeed_configs_leave_every_choice_to_the_trainer(preset, sp_tokenize
     assert config.config["train_micro_batch_size_per_gpu"] == 3 and config.config["gradient_accumulation_steps"] == 5
     assert config.config["train_batch_size"] == 15 and config.config["gradient_clipping"] == 0.7
     assert config.config["bf16"]["enabled"] is False
+
+
+DEEPSPEED_RUN = r'''
+import json, os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import datasets, tiny
+from fusion.trainer import TrainSettings, train_target
+out, data = sys.argv[2], datasets.load_from_disk(sys.argv[3])
+tok = tiny.sentencepiece_style()
+losses = {}
+for preset in (None, "zero2", "zero3"):
+    s = TrainSettings(block_size=32, per_device_batch_size=8, lr=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                      max_steps=3, weight_decay=0.0, seed=0, deepspeed=preset)
+    result = train_target(tiny.tiny_model("llama", tok, seed=0), tok, data, os.path.join(out, str(preset)), s, 0.9)
+    losses[str(preset)] = [result.losses[i] for i in (1, 2, 3)]
+json.dump(losses, open(os.path.join(out, "losses.json"), "w"))
+'''
+
+
+def test_deepspeed_zero2_and_zero3_train_like_plain(fused_dataset, tmp_path):
+    """Real DeepSpeed (single process, gloo): same losses as without it; the model is saved as safetensors.
+    Its own process: DeepSpeed keeps global state. The first run on a machine compiles a DeepSpeed op (~2 min)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fused_dataset.save_to_disk(str(tmp_path / "data"))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    run = subprocess.run([sys.executable, "-c", DEEPSPEED_RUN, str(repo), str(tmp_path), str(tmp_path / "data")],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert all(math.isfinite(x) for x in losses["None"])
+    for preset in ("zero2", "zero3"):
+        assert losses[preset] == pytest.approx(losses["None"], abs=1e-4), preset
+        assert (tmp_path / preset / "model.safetensors").is_file()
