@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,12 +32,16 @@ def one_build(seed: int) -> dict:
                 f"build_micro_world({str(root)!r}, seed={seed}, progress=False)")
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         load_before = os.getloadavg()[0]
+        usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True)
         seconds = time.perf_counter() - t0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the build and its source-training processes: what it costs on an idle machine.
+        cpu_seconds = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
         log = json.loads((root / "build_log.json").read_text())
         info = json.loads((root / "world.json").read_text())
-        return {"seconds": round(seconds, 1), "load_before": round(load_before, 2),
+        return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "load_before": round(load_before, 2),
                 "load_after": round(os.getloadavg()[0], 2),
                 "source_seconds": {n: round(s["seconds"], 1) for n, s in log["sources"].items()},
                 "specialists_ok": info["specialists_ok"]}
