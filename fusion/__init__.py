@@ -2,3 +2,6 @@
 
 Never imports `harness`: everything takes models, tokenizers, arrays and dataclasses.
 """
+
+# Importing the method modules fills the registries (ALIGNMENTS, VOCAB_MAPS, FUSIONS) by name.
+from . import align, fuse, vocab  # noqa: E402,F401

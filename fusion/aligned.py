@@ -39,9 +39,13 @@ def align_distribution(target: TokenizedText, source: TokenizedText, source_ids:
                          f"[n_source={n_s}, k]: were they extracted from the same tokenization?")
     k = source_ids.shape[1]
     s2t = vocab_map.source_to_target
-    if n_s and (source.ids.max() >= len(s2t) or source_ids.max() >= len(s2t)):
-        raise ValueError(f"source ids reach {max(source.ids.max(), source_ids.max())} but the vocab map covers "
-                         f"{len(s2t)} source ids: the vocab map was built for another source tokenizer")
+    if n_s and source.ids.max() >= len(s2t):
+        raise ValueError(f"source document ids reach {source.ids.max()} but the vocab map covers {len(s2t)} source "
+                         f"ids: the vocab map was built for another source tokenizer")
+    if n_s and source_ids.max() >= len(s2t):
+        # Models often pad their embedding matrix past the tokenizer (e.g. Qwen2.5: 151,936 rows, 151,665
+        # tokens); a top-k id in that padding is no token at all: unmapped.
+        s2t = np.concatenate([s2t, np.full(int(source_ids.max()) + 1 - len(s2t), -1, dtype=s2t.dtype)])
 
     ids = np.zeros((n_t, k), dtype=np.int32)
     probs = np.zeros((n_t, k), dtype=np.float32)

@@ -63,7 +63,31 @@ def test_one_to_many_falls_back_and_last_position_is_empty():
 def test_errors_name_the_mismatch():
     with pytest.raises(ValueError, match="alignment is for 4 target x 2 source"):
         align_distribution(TARGET, SOURCE, SRC_IDS, SRC_LOGPROBS, alignment([(0, 0)], 4, 2), VOCAB)
-    with pytest.raises(ValueError, match="vocab map covers 25"):
-        align_distribution(TARGET, SOURCE, SRC_IDS, SRC_LOGPROBS, alignment([(0, 0)]), VocabMap(S2T[:25], "em"))
+    with pytest.raises(ValueError, match="source document ids reach 22 but the vocab map covers 21"):
+        align_distribution(TARGET, SOURCE, SRC_IDS, SRC_LOGPROBS, alignment([(0, 0)]), VocabMap(S2T[:21], "em"))
     with pytest.raises(ValueError, match="fallback_onehot"):
         run([(0, 0)], fallback_onehot="previous")
+
+
+def test_topk_ids_in_padded_embedding_rows_are_unmapped():
+    """A source whose embedding matrix is larger than its tokenizer may put padding ids in its top-k."""
+    import numpy as np
+
+    from fusion.align import Alignment
+    from fusion.aligned import align_distribution
+    from fusion.tokens import TokenizedText
+    from fusion.vocab import VocabMap
+
+    def tt(ids):
+        n = len(ids)
+        return TokenizedText(np.array(ids, np.int32), [f"t{i}" for i in ids],
+                             np.array([[i, i + 1] for i in range(n)]), "", n)
+
+    target, source = tt([5, 6]), tt([1, 2])
+    vm = VocabMap(np.array([-1, 5, 6, 7], np.int32), "em")  # 4 source tokens; the model has 10 rows
+    al = Alignment(np.array([[0, 0], [1, 1]], np.int32), 2, 2)
+    ids = np.array([[2, 9], [3, 8]], np.int32)  # 9 and 8 are padding rows
+    lp = np.log(np.array([[0.6, 0.3], [0.5, 0.4]], np.float32))
+    out_ids, out_p = align_distribution(target, source, ids, lp, al, vm)
+    assert out_ids.tolist() == [[6, 0], [7, 0]]
+    np.testing.assert_allclose(out_p, [[0.6, 0.0], [0.5, 0.0]], rtol=1e-6)
