@@ -1,7 +1,7 @@
 """Experiment configuration: one YAML file -> a typed, validated, hashable `ExperimentConfig`.
 
 Errors are one line that names the file and the field (`micro_quickstart.yaml: fusion.lam: ...`).
-Overrides use dotted paths: `fusion.lam=0.8`, `sources.0.ref=micro:gpt2-arith`, `evaluation.suites=[micro]`.
+Overrides use dotted paths: `fusion.lam=0.8`, `sources.0.ref=micro:neox-code`, `evaluation.suites=[micro]`.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def first_run(tmp_path_factory, micro_world):
 def test_every_method_gets_a_row(first_run):
     _, res = first_run
     models = list(res.results["model"])
-    assert models[:3] == ["llama-docs", "neox-code", "gpt2-arithmetic"]
+    assert models[:3] == ["llama-docs", "neox-code", "mpt-arithmetic"]
     assert {"clm", "fusellm", "ensemble", "merge:linear", "merge:ties"} <= set(models)
     assert {m for m in models if m.startswith("expert:")} == {"expert:arithmetic", "expert:code", "expert:docs"}
     methods = dict(zip(res.results["model"], res.results["method"]))
