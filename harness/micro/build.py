@@ -32,7 +32,7 @@ from .corpus import DOMAINS, SPLITS, CorpusSizes, build_corpus
 from .sources import SOURCE_SPECS, TARGET_NAME, TrainSizes
 from .tasks import build_tasks, task_names, write_task_yamls
 
-MICRO_WORLD_VERSION = "1"
+MICRO_WORLD_VERSION = "2"  # 2: third source is MPT (was GPT-2)
 WORLD_FILE = "world.json"
 _BUILDING = re.compile(r"^\.(?P<name>.+)\.building-(?P<pid>\d+)-[0-9a-f]+$")
 
