@@ -30,7 +30,7 @@ def render() -> str:
         "",
         "Generated from `benchmarks/results.json` by `python benchmarks/render_results.py`. Ratios are measured side",
         "by side in one run; times are medians of at least 3 repeats. These machines are shared and noisy: the",
-        "machine column says where each figure was taken. Names follow `../shared/BENCHMARKS.md`.",
+        "Machines line below says where the figures were taken. Names follow `../shared/BENCHMARKS.md`.",
         "",
         "| name | value | unit | target | date | command |",
         "|---|---|---|---|---|---|",
