@@ -98,7 +98,7 @@ def test_mlflow_ui_shows_the_experiment_runs_and_metrics(finished_experiment):
                       "/ancestor::*[contains(@class,'ag-cell')][1]")
         run_cell.find_element(By.TAG_NAME, "button").click()  # expand the nested per-model runs
         body = _wait_text(driver, "fusellm")
-        for model in ("clm", "llama-docs", "neox-code", "gpt2-arithmetic"):
+        for model in ("clm", "llama-docs", "neox-code", "mpt-arithmetic"):
             assert model in body
         header = body[body.find("Run Name"): body.find("micro_quickstart", body.find("Run Name"))]
         for name in METRIC_COLUMNS:

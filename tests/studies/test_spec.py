@@ -40,7 +40,7 @@ def test_lambda_steps_are_exact_decimals():
 def test_sources_choice_keeps_only_those_sources():
     spec = load_spec(REPO / "studies" / "micro_num_sources.yaml")
     assert spec.encoded_values("sources") == ["llama-docs", "llama-docs+neox-code",
-                                               "llama-docs+neox-code+gpt2-arithmetic"]
+                                               "llama-docs+neox-code+mpt-arithmetic"]
     cfg = spec.config_for({"sources": "llama-docs+neox-code", "seed": 1})
     assert [s.label for s in cfg.sources] == ["llama-docs", "neox-code"] and cfg.seed == 1
     assert spec.decode("sources", "llama-docs+neox-code") == ["llama-docs", "neox-code"]
