@@ -70,7 +70,8 @@ def cmd_run(args) -> int:
 def cmd_study(args) -> int:
     from studies.runner import run_study
 
-    study = run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage)
+    study = run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage,
+                      worker_id=args.worker_id)
     print(f"study {study.study_name}: {len(study.trials)} trials")
     return 0
 
@@ -78,7 +79,8 @@ def cmd_study(args) -> int:
 def cmd_report(args) -> int:
     from harness.report import report_main
 
-    report_main(args.target, Path(args.workdir), Path(args.out))
+    report_main(args.target, Path(args.workdir), Path(args.out) if args.out else None,
+                tracking_uri=args.tracking_uri, storage=args.storage)
     return 0
 
 
@@ -124,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*")
     sp.add_argument("--n-trials", type=int, default=None)
     sp.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the work dir)")
+    sp.add_argument("--worker-id", default=None,
+                    help="name of this worker in trial attributes (default: host:pid); run several to share a study")
     sp.set_defaults(fn=cmd_study)
     sp = sub.add_parser("report", help="tables and plots for a run, experiment or study")
     sp.add_argument("target")
     sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"))
-    sp.add_argument("--out", default="reports")
+    sp.add_argument("--out", default=None, help="output folder (default: <workdir>/reports/<name>)")
+    sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in the work dir)")
+    sp.add_argument("--storage", default=None, help="Optuna storage URL, for study targets")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("ui", help="open the MLflow UI on the project's store")
     sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"))
