@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-trials", type=int, default=None)
     sp.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the work dir)")
     sp.add_argument("--worker-id", default=None,
-                    help="name of this worker in trial attributes (default: host:pid); run several to share a study")
+                    help="name of this worker in trial attributes (default: host-pid); run several to share a study")
     sp.set_defaults(fn=cmd_study)
     sp = sub.add_parser("report", help="tables and plots for a run, experiment or study")
     sp.add_argument("target")

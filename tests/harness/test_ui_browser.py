@@ -2,7 +2,7 @@
 pipeline run, opened in headless Chromium; the experiment, its runs and metric columns must be visible.
 
 Needs Debian `chromium chromium-driver` and `pip install selenium` (see docs/STUDIES.md). A screenshot
-goes to test-artifacts/mlflow_ui.png and docs/img/mlflow_ui.png.
+goes to test-artifacts/mlflow_ui.png (and to docs/img/mlflow_ui.png with FUSELAB_UPDATE_DOCS_IMG=1).
 """
 from __future__ import annotations
 
@@ -107,8 +107,9 @@ def test_mlflow_ui_shows_the_experiment_runs_and_metrics(finished_experiment):
         out = REPO / "test-artifacts"
         out.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(out / "mlflow_ui.png"))
-        (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "mlflow_ui.png", REPO / "docs" / "img" / "mlflow_ui.png")
+        if os.environ.get("FUSELAB_UPDATE_DOCS_IMG") == "1":  # refresh the README's screenshot on request only
+            (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "mlflow_ui.png", REPO / "docs" / "img" / "mlflow_ui.png")
     finally:
         driver.quit()
         stop_ui(proc)
