@@ -307,6 +307,19 @@ class EnsembleLM(LM):
                 out[i] = logprobs[row, :len(inputs[i])]
         return out  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def _last_logprobs(self, member: _Member, ids: list[int]) -> torch.Tensor:
+        """Natural-log distribution of the token after `ids`, float32 [1, member logits dim]. Asks the model
+        for the last position's logits only (`logits_to_keep=1`): generation needs nothing else, and the
+        output layer and log-softmax over every position of a long prompt would dominate each step (a
+        262k-token vocabulary x 500 positions is 0.5 GB of float32 per step)."""
+        x = torch.tensor([ids], dtype=torch.long, device=self._device)
+        try:
+            logits = member.model(input_ids=x, logits_to_keep=1).logits
+        except TypeError:  # a model class without `logits_to_keep`
+            logits = member.model(input_ids=x).logits
+        return torch.log_softmax(logits[0, -1:].float(), dim=-1).cpu()
+
     def _member_view(self, member: _Member, seg: _Segment) -> tuple[list[int], np.ndarray]:
         """The member's input ids for a segment and pos_map int64 [T]: the member position whose
         distribution stands for pivot position t, or -1 where the member abstains."""
@@ -511,8 +524,8 @@ class EnsembleLM(LM):
                 start = list(member.start_ids) or ([member.prefix_id] if not len(own) else [])
                 ids = start + [int(i) for i in own.ids]
             ids = ids[-member.max_length:]
-            lp = self._forward(member, [ids])[0]
-            stacked.append(self._pivot_rows(member, lp, np.asarray([len(ids) - 1])))
+            lp = self._last_logprobs(member, ids)
+            stacked.append(self._pivot_rows(member, lp, np.asarray([0])))
             avail.append(torch.ones(1, dtype=torch.bool))
         lp = torch.stack(stacked)
         return self.combiner(lp, torch.stack(avail), self.weights, history[:, None])[0], lp[:, 0]
