@@ -6,6 +6,7 @@ loss is exactly the HF causal-LM loss.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,8 +157,16 @@ def require_position_ids(model) -> None:
                          "isolate packed documents; use cross_document_attention=True or packing=False")
 
 
+# Set by the launcher's worker (harness.launch) after it created accelerate's distributed state itself (CPU
+# multi-process DeepSpeed); TrainingArguments must then keep that state instead of building a 1-process one.
+CONFIGURED_STATE_ENV = "FUSELAB_CONFIGURED_STATE"
+
+
 def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str | None = None) -> transformers.TrainingArguments:
     """TrainSettings -> transformers.TrainingArguments (no checkpoints, no external reporting: the harness tracks)."""
+    extra = {}
+    if os.environ.get(CONFIGURED_STATE_ENV) == "1":
+        extra["accelerator_config"] = {"use_configured_state": True}
     return transformers.TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
@@ -179,6 +188,7 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **extra,
     )
 
 
