@@ -510,6 +510,38 @@ class EnsembleLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return results
 
+    def windowed_nll(self, text: str, windows) -> tuple[float, int]:
+        """Ensemble negative log-likelihood (nats) of `text` on the pivot tokenization, scored window by window.
+
+        Positions are those of [pivot prefix token] + pivot tokens of `text` (position p > 0 is text token p-1);
+        `windows` is a list of (begin, end, first_scored) over them, as harness.evaluation.perplexity's
+        sliding_windows makes, and every position in [first_scored, end) is scored with the positions
+        [begin, position) as context. -> (nats, number of pivot tokens in the text).
+        """
+        whole = tokenize_document(self.pivot_tokenizer, text, add_eos=False)
+        n = len(whole)
+        segments = []
+        for begin, end, first in windows:
+            if not 0 <= begin < first <= end <= n + 1:
+                raise ValueError(f"EnsembleLM.windowed_nll: window {(begin, end, first)} is outside the "
+                                 f"{n + 1} positions of this text")
+            if begin == 0:
+                sub_text, sub = _slice_tokens(whole, 0, end - 1, text) if end > 1 else ("", whole)
+                start, member_start, shift = [self.pivot_prefix_id], "prefix", 0
+            else:
+                sub_text, sub = _slice_tokens(whole, begin - 1, end - 1, text)
+                start, member_start, shift = [], "none", begin
+            scored = np.arange(first - 1 - shift, end - 1 - shift, dtype=np.int64)
+            segments.append(_Segment(text=sub_text, pivot=sub, pivot_start=start, member_start=member_start,
+                                     scored=scored))
+        total = 0.0
+        for a in range(0, len(segments), self.batch_size):
+            chunk = segments[a:a + self.batch_size]
+            for seg, lp in zip(chunk, self._distributions(chunk)):
+                target = torch.as_tensor(seg.observed()[seg.scored])
+                total -= float(lp.double().gather(-1, target[:, None]).sum())
+        return total, n
+
     @torch.inference_mode()
     def _next_logprobs(self, context_ids: list[int], text: str,
                        history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

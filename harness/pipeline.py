@@ -144,8 +144,11 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
           "perplexity": cfg.evaluation.perplexity.model_dump(mode="json"), "data_dir": cfg.evaluation.data_dir}
     for name in evaluated_models(cfg):
         inputs = ["corpus"] + _model_stage(cfg, name)
-        add(f"eval/{name}", "eval", {**ev, "model": name, "ident": ident.get(name) or ident.get(name.split(":")[0])},
-            inputs + world_in)
+        settings = {**ev, "model": name, "ident": ident.get(name) or ident.get(name.split(":")[0])}
+        if name == "ensemble":
+            # the ensemble's per-domain bits per byte (same windows as the single models) since this version
+            settings["protocol"] = "ensemble-perplexity-1"
+        add(f"eval/{name}", "eval", settings, inputs + world_in)
     return Plan(cfg, cache, stages, world_key)
 
 
@@ -467,7 +470,8 @@ class _Runner:
         return pd.read_csv(path / "eval_long.csv")
 
     def eval_models(self, name: str):
-        """Yield (row label, model for lm-eval (folder path or LM), (model, tokenizer) for perplexity or None)."""
+        """Yield (row label, model for lm-eval (folder path or LM), what perplexity scores: (model, tokenizer), an
+        LM with windowed_nll (the ensemble), or None)."""
         from harness.models import load_model
 
         if name == "fusellm" or name == "clm":
@@ -484,7 +488,7 @@ class _Runner:
                             combiner=self.cfg.baselines.ensemble.combiner, alignment=self.cfg.fusion.alignment,
                             vocab_map=self.cfg.fusion.vocab_map, batch_size=s.batch_size,
                             max_gen_toks=s.max_gen_toks, names=members)
-            yield name, lm, None
+            yield name, lm, lm  # it scores held-out text itself (EnsembleLM.windowed_nll)
         elif name == "domain_pool":
             for domain, folder in sorted(self.experts().items()):
                 yield f"expert:{domain}", str(folder), _load_folder(folder)
@@ -511,12 +515,15 @@ class _Runner:
         return df
 
     def run_perplexity(self, label: str, model_tok, rows_by_domain: dict[str, list[str]]) -> pd.DataFrame:
-        from harness.evaluation import perplexity_by_domain
+        from harness.evaluation.perplexity import lm_perplexity_by_domain, perplexity_by_domain
 
         p = self.cfg.evaluation.perplexity
-        model, tok = model_tok
-        df = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
-                                  batch_size=max(1, self.cfg.evaluation.settings.batch_size))
+        if hasattr(model_tok, "windowed_nll"):
+            df = lm_perplexity_by_domain(model_tok, rows_by_domain, window=p.window, stride=p.stride)
+        else:
+            model, tok = model_tok
+            df = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
+                                      batch_size=max(1, self.cfg.evaluation.settings.batch_size))
         rows = []
         for _, r in df.iterrows():
             for metric in ("bits_per_byte", "token_perplexity"):

@@ -6,7 +6,8 @@ model saw in training). Every token of the text is scored, no EOS is appended (i
 A tokenizer with neither BOS nor EOS leaves the first text token unscored (it has no context).
 
 Windows: a text of N positions (context token included) is cut into windows starting at 0, stride, 2*stride, ...
-of up to `window` positions; a window scores only the tokens after the previous window's end, so each token is
+(never later than the position before the first unscored one, which matters when stride == window) of up to
+`window` positions; a window scores only the tokens after the previous window's end, so each token is
 scored exactly once, the first scored token of a later window with (window - stride) tokens of context. Per-window
 sums are accumulated in float64 in window order, so any batch_size gives the same totals (up to matmul rounding).
 """
@@ -45,7 +46,9 @@ def sliding_windows(n_positions: int, window: int, stride: int) -> list[tuple[in
         if end > scored_until:
             windows.append((begin, end, scored_until))
             scored_until = end
-        begin += stride
+        # the first target of the next window needs its predecessor inside it (stride == window would
+        # otherwise start a window on its first target, with nothing to predict it from)
+        begin = min(begin + stride, scored_until - 1)
     return windows
 
 
@@ -101,6 +104,29 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start: start + batch_size]
             sums.extend(_window_nll(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id, device))
+        nll = math.fsum(sums)
+        rows.append({"domain": domain, "n_tokens": n_tokens, "n_bytes": n_bytes, "nll_nats": nll,
+                     "token_perplexity": math.exp(nll / n_tokens) if n_tokens else math.nan,
+                     "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else math.nan})
+    return pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
+                                       "bits_per_byte"])
+
+
+def lm_perplexity_by_domain(lm, texts_by_domain: dict[str, list[str]], *, window: int = 256,
+                            stride: int = 128) -> pd.DataFrame:
+    """perplexity_by_domain for a model that scores text itself on a pivot tokenization (the output ensemble:
+    baselines.ensemble.EnsembleLM.windowed_nll), with the same windows, the same first-token convention and
+    the same columns; token_perplexity is per pivot token."""
+    rows = []
+    for domain, texts in texts_by_domain.items():
+        sums, n_tokens, n_bytes = [], 0, 0
+        for text in texts:
+            # positions: the pivot's context token + its tokens of the text
+            n_text = len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"])
+            nll, n = lm.windowed_nll(text, sliding_windows(n_text + 1, window, stride))
+            sums.append(nll)
+            n_tokens += n
+            n_bytes += len(text.encode("utf-8"))
         nll = math.fsum(sums)
         rows.append({"domain": domain, "n_tokens": n_tokens, "n_bytes": n_bytes, "nll_nats": nll,
                      "token_perplexity": math.exp(nll / n_tokens) if n_tokens else math.nan,

@@ -309,3 +309,29 @@ def test_mince_generation_follows_the_member_with_the_lowest_running_ce(llamas, 
     (got,) = ens.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 6}), 0)])
     assert got == want and len(got) > 0
     assert 1 in chosen_members   # not the "first member" fallback: the history decided
+
+
+def test_windowed_perplexity_of_one_member_equals_the_models_own(llamas, sp_tokenizer):
+    from harness.evaluation.perplexity import lm_perplexity_by_domain, perplexity_by_domain
+
+    texts = {"prose": TEXTS, "code": [PAIRS[2][0] + PAIRS[2][1]]}
+    ens = EnsembleLM([(llamas[0], sp_tokenizer)], batch_size=3)
+    for window, stride in [(6, 3), (5, 5), (512, 256)]:
+        got = lm_perplexity_by_domain(ens, texts, window=window, stride=stride)
+        want = perplexity_by_domain(llamas[0], sp_tokenizer, texts, window=window, stride=stride)
+        assert list(got["n_tokens"]) == list(want["n_tokens"]) and list(got["n_bytes"]) == list(want["n_bytes"])
+        assert np.allclose(got["nll_nats"], want["nll_nats"], rtol=0, atol=1e-4), (window, stride)
+    # short windows cost context: the same text scores worse than with the whole text in one window
+    short = lm_perplexity_by_domain(ens, texts, window=5, stride=5)
+    assert (short["nll_nats"] != got["nll_nats"]).all()
+
+
+def test_windowed_perplexity_of_shared_tokenizer_members_is_the_mixture(llamas, sp_tokenizer):
+    from harness.evaluation.perplexity import lm_perplexity_by_domain
+
+    ens = EnsembleLM([(m, sp_tokenizer) for m in llamas])
+    got = lm_perplexity_by_domain(ens, {"d": TEXTS}, window=512, stride=256)
+    want = direct_scores(llamas, sp_tokenizer, [("", t) for t in TEXTS], lambda lp: torch.log(lp.exp().mean(dim=0)))
+    nll = -sum(w for w, _ in want)
+    assert float(got["nll_nats"][0]) == pytest.approx(nll, abs=1e-4)
+    assert float(got["bits_per_byte"][0]) == pytest.approx(nll / math.log(2) / sum(len(t.encode()) for t in TEXTS))

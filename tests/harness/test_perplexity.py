@@ -27,9 +27,12 @@ def llama(sp_tokenizer):
 def test_sliding_windows_score_each_position_once():
     assert sliding_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
     assert sliding_windows(3, 8, 4) == [(0, 3, 1)]
+    # stride == window: each later window starts one position early, so its first target has a predecessor
+    assert sliding_windows(10, 4, 4) == [(0, 4, 1), (3, 7, 4), (6, 10, 7)]
     for n, window, stride in [(1, 4, 2), (2, 4, 4), (37, 8, 3), (100, 16, 16)]:
         scored = [t for _, end, first in sliding_windows(n, window, stride) for t in range(first, end)]
         assert scored == list(range(1, n))
+        assert all(begin < first for begin, _, first in sliding_windows(n, window, stride))
     with pytest.raises(ValueError, match="stride"):
         sliding_windows(10, 4, 5)
 
