@@ -192,6 +192,9 @@ class ExperimentResult:
     run_dir: Path
     cache_hits: int = 0
     stages_run: int = 0
+    # every stage of the plan this run passed through: stage, seconds (its build time, also when it was
+    # cached: recorded in the stage's _meta.json when it was built), cached
+    stage_times: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["stage", "seconds", "cached"]))
 
 
 class _Runner:
@@ -201,6 +204,7 @@ class _Runner:
         self.progress = progress
         self.tracker = tracker
         self.timings: dict[str, float] = {}
+        self.stage_log: list[dict] = []
         self.hits = 0
         self.ran = 0
         self._world = None
@@ -216,13 +220,17 @@ class _Runner:
         if self.plan.cached(name):
             self.hits += 1
             self.say(f"  [cached] {name:<34} {st.key.key}")
+            self.stage_log.append({"stage": name, "seconds": _built_seconds(self.plan.path(name)), "cached": True})
             return self.plan.path(name)
         self.say(f"  [run]    {name:<34} {st.key.key}")
         t0 = time.perf_counter()
-        with self.plan.cache.atomic_dir(st.key, meta={"stage": name, "settings": st.settings}) as tmp:
+        meta = {"stage": name, "settings": st.settings}
+        with self.plan.cache.atomic_dir(st.key, meta=meta) as tmp:
             build(tmp)
+            meta["build_seconds"] = round(time.perf_counter() - t0, 3)  # _meta.json is written after this
         dt = time.perf_counter() - t0
         self.timings[name] = dt
+        self.stage_log.append({"stage": name, "seconds": dt, "cached": False})
         self.ran += 1
         self.say(f"           {name} done in {dt:.1f} s")
         return self.plan.path(name)
@@ -718,9 +726,19 @@ def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentRe
     results.to_csv(run_dir / "results.csv", index=False)
     long.to_csv(run_dir / "eval_long.csv", index=False)
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    stage_times = pd.DataFrame(r.stage_log, columns=["stage", "seconds", "cached"])
+    stage_times.to_csv(run_dir / "stage_times.csv", index=False)
     if progress:
         print(f"\nstages run {r.ran}, cached {r.hits}, total {timings['total']:.1f} s; results in {run_dir}")
-    return ExperimentResult(cfg, results, long, metrics, losses, timings, run_dir, r.hits, r.ran)
+    return ExperimentResult(cfg, results, long, metrics, losses, timings, run_dir, r.hits, r.ran, stage_times)
+
+
+def _built_seconds(stage_dir: Path) -> float:
+    """How long a cached stage took to build (from its _meta.json); NaN for stages built before this was kept."""
+    try:
+        return float(json.loads((stage_dir / "_meta.json").read_text()).get("build_seconds", math.nan))
+    except (OSError, ValueError):
+        return math.nan
 
 
 def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> None:
@@ -743,3 +761,5 @@ def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> N
         tracker.log_curve(f"loss/{name}", pts)
     tracker.log_table(result.results, "results.csv")
     tracker.log_table(result.eval_long, "eval_long.csv")
+    if len(result.stage_times):
+        tracker.log_table(result.stage_times, "stage_times.csv")

@@ -35,13 +35,15 @@ class ExperimentData:
     results: pd.DataFrame  # one row per model: model, method, suite averages, bpb_<domain>, bpb_avg
     eval_long: pd.DataFrame = field(default_factory=pd.DataFrame)  # model, suite, task, metric, value, stderr
     losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # method -> [(step, loss)]
+    stage_times: pd.DataFrame = field(default_factory=pd.DataFrame)  # stage, seconds (build time), cached
 
 
 def _as_data(obj: Any) -> ExperimentData:
     if isinstance(obj, ExperimentData):
         return obj
     if hasattr(obj, "results") and hasattr(obj, "config"):  # harness.pipeline.ExperimentResult
-        return ExperimentData(obj.config.name, obj.results, obj.eval_long, dict(obj.losses))
+        return ExperimentData(obj.config.name, obj.results, obj.eval_long, dict(obj.losses),
+                              getattr(obj, "stage_times", pd.DataFrame()))
     if isinstance(obj, pd.DataFrame):
         if "run_id" in obj.columns:
             return ExperimentData("runs", results_from_runs(obj))
@@ -386,6 +388,8 @@ def write_report(out_dir: Path, result: Any = None, *, study=None, tracker=None,
         if any(data.losses.values()):
             plot_losses(data.losses, out_dir / "losses.png")
             md.append("## Training loss\n\n![losses](losses.png)\n")
+        if len(data.stage_times):
+            md += _stage_times_section(data.stage_times, out_dir)
     if study is not None:
         md += _study_section(study, out_dir, title if result is None else None)
     path = out_dir / "report.md"
@@ -393,6 +397,17 @@ def write_report(out_dir: Path, result: Any = None, *, study=None, tracker=None,
     if tracker is not None:
         tracker.log_artifact(out_dir, "report", run_id=run_id)
     return path
+
+
+def _stage_times_section(stage_times: pd.DataFrame, out_dir: Path) -> list[str]:
+    times = stage_times[["stage", "seconds", "cached"]].copy()
+    times.to_csv(out_dir / "stage_times.csv", index=False)
+    total = float(times["seconds"].sum(skipna=True))
+    built_here = float(times.loc[~times["cached"].astype(bool), "seconds"].sum())
+    note = (f"Build time of every stage (s), also of stages this run found cached (timed when they were built). "
+            f"Sum {total:.1f} s; built in this run {built_here:.1f} s.\n")
+    shown = times.assign(cached=times["cached"].map(lambda c: "cached" if bool(c) else "built"))
+    return ["## Stage times\n", note, shown.to_markdown(index=False, floatfmt=".1f") + "\n"]
 
 
 def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
@@ -460,6 +475,14 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
             eval_long = pd.read_csv(local)
     except Exception:  # older runs without the artifact: no per-task columns, no error bars
         pass
+    stage_times = pd.DataFrame()
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            stage_times = pd.read_csv(client.download_artifacts(run_id, "stage_times.csv", tmp))
+    except Exception:  # runs logged before stage times were kept
+        pass
     losses = {}
     for key in run.data.metrics:
         # `loss/<method>` (Tracker.log_result and the pipeline); `<method>/train_loss` from older runs
@@ -468,7 +491,7 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
         if method:
             hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
             losses[method] = [(m.step, m.value) for m in hist]
-    return ExperimentData(run.info.run_name or run_id, results, eval_long, losses)
+    return ExperimentData(run.info.run_name or run_id, results, eval_long, losses, stage_times)
 
 
 def _runs_frame(runs) -> pd.DataFrame:

@@ -48,9 +48,10 @@ def test_every_method_gets_a_row(first_run):
     methods = dict(zip(res.results["model"], res.results["method"]))
     assert methods["llama-docs"] == "target" and methods["neox-code"] == "source" and methods["fusellm"] == "FuseLLM"
     assert {"micro", "bpb_docs", "bpb_code", "bpb_arithmetic", "bpb_avg"} <= set(res.results.columns)
-    # the ensemble has no single tokenizer: no bits per byte, but task scores
+    # the ensemble gets task scores and bits per byte (scored on the target's tokenization, same windows)
     ens = res.results.set_index("model").loc["ensemble"]
     assert 0.0 <= ens["micro"] <= 1.0
+    assert all(0.0 < ens[c] < 20.0 for c in ("bpb_docs", "bpb_code", "bpb_arithmetic", "bpb_avg"))
     assert res.metrics["fusellm/bpb_avg"] == pytest.approx(res.results.set_index("model").loc["fusellm", "bpb_avg"])
     assert len(res.losses["fusellm"]) >= 1 and len(res.losses["clm"]) >= 1
 
@@ -60,6 +61,14 @@ def test_rerun_is_fully_cached(first_run):
     again = run_experiment(small_config(wd), progress=False)
     assert again.stages_run == 0
     pd.testing.assert_frame_equal(again.results, res.results)
+    # cached stages report the time they took when they were built
+    first = res.stage_times.set_index("stage")
+    later = again.stage_times.set_index("stage")
+    assert later["cached"].all() and not first["cached"].any()
+    assert list(later.index) == list(first.index) and "train/fusellm" in later.index
+    # (recorded before the stage's files are synced and renamed, so a little under this run's own timing)
+    gap = first["seconds"] - later["seconds"]
+    assert (gap >= 0).all() and gap.max() < 0.5 and later["seconds"].min() > 0
 
 
 def test_changing_lambda_retrains_without_reextracting(first_run):

@@ -79,7 +79,9 @@ def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
                if not math.isnan(getattr(r, c))}
     return ExperimentResult(cfg, RESULTS.copy(), EVAL_LONG.copy(), metrics,
                             {"fusellm": [(5, 4.0), (10, 3.5)], "clm": [(5, 4.25), (10, 3.75)]},
-                            {"fused": 1.5, "train/fusellm": 2.0}, tmp)
+                            {"fused": 1.5, "train/fusellm": 2.0}, tmp,
+                            stage_times=pd.DataFrame({"stage": ["corpus", "fused", "train/fusellm"],
+                                                      "seconds": [0.5, 1.5, 2.0], "cached": [True, False, False]}))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,11 @@ def test_report_main_on_run_id_and_experiment_name(logged_run, tmp_path):
     assert re.search(r"\| fusellm +\| FuseLLM +\| +0\.75 +\| +2 +\| +1 +\| +1\.5 +\|", text)
     assert "## Relative gain (%)" in text
     assert re.search(r"\| fusellm +\| FuseLLM +\| +50 +\| +25 +\| +20 +\| +14\.3 +\|", text)
-    for f in ("results.csv", "per_task.csv", "methods.png", "losses.png"):
+    # stage times come back from MLflow: build times of cached stages too, and their sum
+    assert "Sum 4.0 s; built in this run 3.5 s." in text
+    assert re.search(r"\| corpus +\| +0\.5 +\| cached +\|", text)
+    assert re.search(r"\| train/fusellm +\| +2\.0 +\| built +\|", text)
+    for f in ("results.csv", "per_task.csv", "methods.png", "losses.png", "stage_times.csv"):
         assert (tmp_path / "by-id" / f).stat().st_size > 0
     saved = pd.read_csv(tmp_path / "by-id" / "results.csv", index_col="model")
     assert saved.loc["fusellm", "micro vs target (%)"] == pytest.approx(50.0)
