@@ -120,6 +120,9 @@ class _Member:
     prefix_id: int                       # conditioning token for an empty context (BOS, else EOS)
     max_length: int
     to_pivot: torch.Tensor | None = None  # int64 [member vocab]: pivot id or -1 (cross-tokenizer members)
+    kv_ids: list[int] | None = None       # generation: the ids whose keys/values `kv` holds
+    kv: Any = None                        # generation: a transformers DynamicCache, or None
+    kv_ok: bool = True                    # False once the model refused a cache (then: full forwards)
 
 
 def _default_start_ids(tokenizer) -> list[int]:
@@ -209,12 +212,16 @@ class EnsembleLM(LM):
     alignment: a name in fusion's ALIGNMENTS ("offsets", "dtw"); vocab_map: "em" | "mined".
     top_k: None maps a cross-tokenizer member's full distribution, k keeps its top-k only.
     batch_size: requests per forward batch; max_length: pivot/member context cap in tokens.
+    kv_cache: generation reuses each member's keys/values for the longest prefix of its ids that did
+        not change since the previous step (a cross-tokenizer member's tokenization of the text so far
+        can change at its end as characters arrive); False recomputes every step (same outputs, slower).
     """
 
     def __init__(self, members, pivot: int | Any = 0, combiner: str = "mean", weights=None,
                  alignment: str = "offsets", vocab_map: str = "em", top_k: int | None = None,
                  batch_size: int = 8, max_length: int = 2048, max_gen_toks: int = 256,
-                 device: str = "cpu", dtype: str = "float32", names: list[str] | None = None):
+                 device: str = "cpu", dtype: str = "float32", names: list[str] | None = None,
+                 kv_cache: bool = True):
         super().__init__()
         torch_dtype = getattr(torch, str(dtype))
         if isinstance(members, str):
@@ -256,6 +263,7 @@ class EnsembleLM(LM):
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
+        self.kv_cache = kv_cache if isinstance(kv_cache, bool) else str(kv_cache).lower() in ("1", "true", "yes")
         self._device = torch.device(device)
         self.vocab_size = len(self.pivot_tokenizer)
         self.pivot_start_ids = _default_start_ids(self.pivot_tokenizer)
@@ -312,13 +320,49 @@ class EnsembleLM(LM):
         """Natural-log distribution of the token after `ids`, float32 [1, member logits dim]. Asks the model
         for the last position's logits only (`logits_to_keep=1`): generation needs nothing else, and the
         output layer and log-softmax over every position of a long prompt would dominate each step (a
-        262k-token vocabulary x 500 positions is 0.5 GB of float32 per step)."""
+        262k-token vocabulary x 500 positions is 0.5 GB of float32 per step). With `kv_cache`, only the
+        ids after the longest prefix shared with the previous call of this member are run."""
+        if self.kv_cache and member.kv_ok:
+            try:
+                return self._last_logprobs_cached(member, ids)
+            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+                # A model class that takes no `cache` (or cannot crop it): full forwards from now on.
+                member.kv_ok, member.kv, member.kv_ids = False, None, None
         x = torch.tensor([ids], dtype=torch.long, device=self._device)
         try:
             logits = member.model(input_ids=x, logits_to_keep=1).logits
         except TypeError:  # a model class without `logits_to_keep`
             logits = member.model(input_ids=x).logits
         return torch.log_softmax(logits[0, -1:].float(), dim=-1).cpu()
+
+    def _last_logprobs_cached(self, member: _Member, ids: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        old = member.kv_ids or []
+        keep = 0
+        for a, b in zip(old, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # at least one id must run to get its logits
+        cache = member.kv
+        if cache is None or keep == 0:
+            # A cache built without the config holds every layer in full (no sliding-window layers), so it
+            # can be cropped to any prefix; the attention masks still apply the model's sliding windows.
+            cache, keep = DynamicCache(), 0
+        elif keep < len(old):
+            cache.crop(keep - len(old))
+        if cache.get_seq_length() != keep:
+            raise RuntimeError(f"cache holds {cache.get_seq_length()} positions, expected {keep}")
+        member.kv, member.kv_ids = None, None  # until this forward has succeeded
+        x = torch.tensor([ids[keep:]], dtype=torch.long, device=self._device)
+        out = member.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        member.kv, member.kv_ids = cache, list(ids)
+        return torch.log_softmax(out.logits[0, -1:].float(), dim=-1).cpu()
+
+    def _reset_kv(self) -> None:
+        for member in self.members:
+            member.kv, member.kv_ids = None, None
 
     def _member_view(self, member: _Member, seg: _Segment) -> tuple[list[int], np.ndarray]:
         """The member's input ids for a segment and pos_map int64 [T]: the member position whose
@@ -580,7 +624,7 @@ class EnsembleLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding on the ensemble distribution; stops at the first `until` string (cut off),
         at the pivot's EOS token, or after max_gen_toks pivot tokens. Every member conditions on the whole
-        text so far at each step (no KV cache: simple, and fine for short answers). "mince" picks, at each
+        text so far at each step, reusing its keys/values for the unchanged prefix (`kv_cache`). "mince" picks, at each
         step, the member with the lowest mean CE on the context and the tokens generated so far."""
         tok = self.pivot_tokenizer
         results = []
@@ -596,6 +640,7 @@ class EnsembleLM(LM):
                 ctx_ids = [self.pivot_prefix_id]
             ctx_decoded = tok.decode(ctx_ids, skip_special_tokens=True)
             nll_sum, nll_count = self._context_nll(context)
+            self._reset_kv()
             generated: list[int] = []
             text = ""
             for _ in range(max_new):
@@ -613,6 +658,7 @@ class EnsembleLM(LM):
                 if hits:
                     text = text[:min(hits)]
                     break
+            self._reset_kv()
             results.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
         return results

@@ -3,6 +3,8 @@
 ensemble_eval_time_ratio: lm-eval time of an N-member EnsembleLM on a local multiple-choice task
 (ARC-Easy rows from ../shared/data) / (sum of the N members' own lm-eval HFLM times, same task, same
 limit), i.e. ensemble time / (N x single-model time). Measured side by side, medians of >= 3 repeats.
+Extra fields time greedy generation (generate_until, few-shot-length prompts): the ensemble with its
+per-member KV cache vs recomputing every step, and vs the members' own HFLM generation.
 merge_seconds_<method>: merge_models wall time per mergekit method on locally built Llamas.
 
 Run: python benchmarks/bench_baselines.py  [--limit 20] [--repeats 3]
@@ -111,6 +113,29 @@ def bench_ensemble(root: Path, limit: int, repeats: int) -> None:
 
     ll_ens = statistics.median(ll_time(ens) for _ in range(repeats))
     ll_sum = statistics.median(sum(ll_time(s) for s in singles) for _ in range(repeats))
+    # generation: few-shot-length prompts (several ARC questions each), 32 new tokens, no stop string
+    prompts = ["\n\n".join(f"Question: {r['query']}\nAnswer: {r['choices'][0]}" for r in rows[i:i + 4]) + "\nQuestion:"
+               for i in range(0, 4 * 6, 4)]
+    gen_requests = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 32}), i)
+                    for i, p in enumerate(prompts)]
+    ens_full = EnsembleLM(members, pivot=0, combiner="mean", alignment="offsets", vocab_map="em",
+                          batch_size=batch_size, kv_cache=False)
+
+    def gen_time(lm) -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        out = lm.generate_until(gen_requests, disable_tqdm=True)
+        return time.perf_counter() - start, out
+
+    gen_cached, gen_full, gen_single = [], [], []
+    for _ in range(repeats):
+        t, out_cached = gen_time(ens)
+        gen_cached.append(t)
+        t, out_full = gen_time(ens_full)
+        gen_full.append(t)
+        gen_single.append(sum(gen_time(s)[0] for s in singles))
+    if out_cached != out_full:
+        raise SystemExit("ensemble generation with the KV cache differs from full recomputation")
+    prompt_tokens = statistics.median(len(sp(p)["input_ids"]) for p in prompts)
     record("ensemble_eval_time_ratio", round(ratio, 3), "ratio", "report (<= 1.0 means shared work)", COMMAND,
            members="2 x llama (shared pivot tokenizer) + 1 x gpt2 (own tokenizer), hidden 256, 4 layers, vocab 2000",
            task=f"ARC-Easy multiple choice, {limit} docs, 0-shot", batch_size=batch_size, repeats=repeats,
@@ -118,6 +143,12 @@ def bench_ensemble(root: Path, limit: int, repeats: int) -> None:
            single_models_sum_seconds_median=round(statistics.median(single_sums), 3),
            loglikelihood_only_ratio=round(ll_ens / ll_sum, 3), loglikelihood_only_ensemble_seconds=round(ll_ens, 3),
            loglikelihood_only_single_sum_seconds=round(ll_sum, 3), requests=len(requests),
+           generation=f"{len(prompts)} prompts (median {prompt_tokens:.0f} pivot tokens), 32 greedy tokens",
+           generation_kv_cache_seconds=round(statistics.median(gen_cached), 3),
+           generation_recompute_seconds=round(statistics.median(gen_full), 3),
+           generation_kv_cache_speedup=round(statistics.median(gen_full) / statistics.median(gen_cached), 2),
+           generation_ratio_vs_single_models=round(statistics.median(gen_cached) / statistics.median(gen_single), 3),
+           generation_outputs_identical=True,
            torch_threads=torch.get_num_threads())
 
 

@@ -382,7 +382,10 @@ def write_report(out_dir: Path, result: Any = None, *, study=None, tracker=None,
             if len(tasks):
                 tasks.index.name = "model"
                 tasks.to_csv(out_dir / "per_task.csv")
-                md += ["## Per task\n", _fmt(tasks)]
+                # one row per task (suite/task), one column per model: dozens of tasks stay readable
+                shown = tasks.T
+                shown.index.name = "task"
+                md += ["## Per task\n", _fmt(shown)]
         plot_methods(table, out_dir / "methods.png", suite_stderr(data.eval_long))
         md.append("![methods](methods.png)\n")
         if any(data.losses.values()):

@@ -53,7 +53,8 @@ def byte_level(vocab_size: int = 300, texts=TRAIN_TEXT) -> PreTrainedTokenizerFa
 
 
 def tiny_model(model_type: str, tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
-    """A random tiny causal LM of `model_type` ("llama", "gpt2", "gpt_neox", "mpt") sized to `tokenizer`."""
+    """A random tiny causal LM of `model_type` ("llama", "gpt2", "gpt_neox", "mpt", "gemma3_text": one
+    sliding-window layer with a 4-token window, then one full-attention layer) sized to `tokenizer`."""
     from transformers import AutoConfig
 
     torch.manual_seed(seed)
@@ -70,6 +71,11 @@ def tiny_model(model_type: str, tokenizer, seed: int = 0, hidden: int = 32, laye
                                    num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=512, **common)
     elif model_type == "mpt":
         cfg = AutoConfig.for_model("mpt", d_model=hidden, n_layers=layers, n_heads=4, max_seq_len=512, **common)
+    elif model_type == "gemma3_text":
+        cfg = AutoConfig.for_model("gemma3_text", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                                   sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                   max_position_embeddings=512, **common)
     else:
         raise ValueError(f"unknown model_type {model_type!r}")
     model = AutoModelForCausalLM.from_config(cfg)

@@ -120,6 +120,10 @@ def test_report_main_on_run_id_and_experiment_name(logged_run, tmp_path):
     assert re.search(r"\| fusellm +\| FuseLLM +\| +0\.75 +\| +2 +\| +1 +\| +1\.5 +\|", text)
     assert "## Relative gain (%)" in text
     assert re.search(r"\| fusellm +\| FuseLLM +\| +50 +\| +25 +\| +20 +\| +14\.3 +\|", text)
+    # per task: one row per task, one column per model
+    per_task = text[text.index("## Per task"):]
+    assert re.search(r"\| task +\| +fusellm +\| +llama-docs +\|", per_task)
+    assert re.search(r"\| micro/arith +\| +0\.75 +\| +0\.5 +\|", per_task)
     # stage times come back from MLflow: build times of cached stages too, and their sum
     assert "Sum 4.0 s; built in this run 3.5 s." in text
     assert re.search(r"\| corpus +\| +0\.5 +\| cached +\|", text)
