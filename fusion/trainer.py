@@ -193,12 +193,14 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
 
 
 def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, settings: TrainSettings,
-                 lam: float, temperature: float = 1.0, deepspeed: str | None = None) -> TrainResult:
+                 lam: float, temperature: float = 1.0, deepspeed: str | None = None,
+                 verbose: bool = True) -> TrainResult:
     """Train `model` on `fused_dataset` with lam * CLM + (1 - lam) * fusion loss and save it to output_dir.
 
     fused_dataset: doc_id, input_ids [n] (target tokenization), fused_ids / fused_probs [n * k], k; with
     lam = 1 a dataset with only input_ids is enough (CLM-only baseline, the fusion term is skipped).
     deepspeed overrides settings.deepspeed when given. The final model is saved as safetensors with the tokenizer.
+    verbose=False drops the per-step log lines (the loss history is still returned).
     """
     fusion = lam < 1.0
     train_dataset = prepare_train_dataset(fused_dataset, settings.block_size, packing=settings.packing,
@@ -214,6 +216,8 @@ def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, 
     args = training_arguments(output_dir, settings, deepspeed)
     trainer = FusionTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                             lam=lam, temperature=temperature)
+    if not verbose:  # the log history is still recorded; only the per-step printing goes
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     began = time.perf_counter()
     output = trainer.train()
     runtime = output.metrics.get("train_runtime", time.perf_counter() - began)

@@ -414,7 +414,7 @@ class _Runner:
         def build(tmp: Path) -> None:
             lm = self.model(self.cfg.target.label)
             res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", train_settings(self.cfg),
-                               lam=lam, temperature=self.cfg.fusion.temperature)
+                               lam=lam, temperature=self.cfg.fusion.temperature, verbose=self.progress)
             record = _asdict(res)
             record["model_dir"] = "model"  # relative: the stage folder is renamed into place
             (tmp / "train_result.json").write_text(json.dumps(record, indent=2, default=float))

@@ -94,6 +94,17 @@ def test_gradient_accumulation_normalises_over_the_whole_batch(fused_dataset, sp
     assert accumulated.losses[1] == pytest.approx(batched.losses[1], abs=1e-4)
 
 
+def test_quiet_training_prints_nothing_and_keeps_the_history(fused_dataset, sp_tokenizer, tmp_path, capsys):
+    data = fused_dataset.select(range(4))
+    s = settings(block_size=8, per_device_batch_size=2, grad_accum=1, max_steps=2, logging_steps=1)
+    loud = train_target(tiny.tiny_model("llama", sp_tokenizer, seed=0), sp_tokenizer, data, tmp_path / "a", s, lam=0.5)
+    assert "'clm_loss'" in capsys.readouterr().out
+    quiet = train_target(tiny.tiny_model("llama", sp_tokenizer, seed=0), sp_tokenizer, data, tmp_path / "b", s,
+                         lam=0.5, verbose=False)
+    assert "loss" not in capsys.readouterr().out
+    assert sorted(quiet.losses) == [1, 2] and quiet.losses == pytest.approx(loud.losses, abs=1e-6)
+
+
 def test_document_isolation_and_errors(fused_dataset, sp_tokenizer, tmp_path):
     result = train_target(tiny.tiny_model("llama", sp_tokenizer, seed=0), sp_tokenizer, fused_dataset,
                           tmp_path / "reset", settings(max_steps=1, cross_document_attention=False, add_bos=True),
