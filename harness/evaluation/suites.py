@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -19,6 +20,8 @@ from .data import BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, resolve_suite_da
 from .multipl_e import available_languages, toolchain_problem
 from .taskgen import (bbh_task_name, commonsense_task_name, multipl_e_task_name,
                       write_suite_tasks)
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "suite", "task", "metric", "value", "stderr", "n", "note"]
 # lm-eval's own task names, used when the data comes from the HF cache or the hub instead of local files.
@@ -138,6 +141,39 @@ def _write_samples(samples: dict, folder: Path) -> None:
                 fh.write(json.dumps(item, default=str, ensure_ascii=False) + "\n")
 
 
+# lm-eval's HFLM logs one warning per request that does not fit the model's context (twice, through two
+# handlers): a micro quickstart prints ~140 of them. They are counted and summarised in one line per suite.
+_TRUNCATION_MARKERS = ("Truncating", "Left truncation applied")
+
+
+class _TruncationCounter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(m in record.getMessage() for m in _TRUNCATION_MARKERS):
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def summarised_truncation(model_name: str, suite: str):
+    """Within the block, lm-eval's per-request truncation warnings are counted, not printed; at the end one
+    warning says how many requests of `suite` were cut to `model_name`'s context (none: nothing)."""
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    counter = _TruncationCounter()
+    logger.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        logger.removeFilter(counter)
+        if counter.count:
+            log.warning("%s on %s: %d request(s) longer than the model's context were truncated from the left "
+                        "(lm-eval's per-request warnings, summarised)", model_name, suite, counter.count)
+
+
 def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
              include_paths: list[Path] = (), model_name: str | None = None,
              log_samples_dir: Path | None = None, task_dir: Path | None = None) -> pd.DataFrame:
@@ -200,7 +236,8 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                                      f"include_paths={[str(p) for p in include_paths]}")
                 tasks = [suite]
                 num_fewshot = settings.num_fewshot
-            with _code_eval_allowed() if unsafe else contextlib.nullcontext():
+            with _code_eval_allowed() if unsafe else contextlib.nullcontext(), \
+                    summarised_truncation(model_name, suite):
                 results = simple_evaluate(
                     model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=settings.batch_size,
                     device=settings.device, limit=settings.limit, task_manager=manager,

@@ -179,6 +179,39 @@ def test_an_lm_instance_scores_like_the_model_folder(tiny_llama_dir, sp_tokenize
     assert evaluate(instance, ["tinymc"], settings, include_paths=[mc_task_dir]).model.iloc[0] == "HFLM"
 
 
+def test_truncation_warnings_are_summarised_in_one_line(tiny_llama_dir, sp_tokenizer, mc_task_dir, caplog):
+    """lm-eval warns once per request longer than the context; evaluate() prints one count per suite instead.
+    The count is lm-eval's rule, by hand: context + continuation tokens > max_length + 1, once per distinct
+    model input (lm-eval runs choices whose input, all tokens but the last, is the same in one forward pass)."""
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    max_length = 8
+    too_long = set()
+    for doc in MC_DOCS:
+        context = f"Question: {doc['question']}\nAnswer:"
+        for choice in doc["choices"]:
+            whole = sp_tokenizer.encode(context + " " + choice, add_special_tokens=False)  # context + continuation
+            if len(whole) > max_length + 1:
+                too_long.add(tuple(whole[:-1]))
+    expected = len(too_long)
+    assert expected == 14  # of 18 requests: 4 single-token choices share their input with another choice
+    lm = HFLM(pretrained=tiny.tiny_model("llama", sp_tokenizer, seed=0), tokenizer=sp_tokenizer, batch_size=1,
+              max_length=max_length)
+    with caplog.at_level(logging.WARNING):
+        evaluate(lm, ["tinymc"], EvalSettings(multipl_e_languages=()), include_paths=[mc_task_dir], model_name="short")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Truncating" in m or "Left truncation" in m]
+    assert [m for m in messages if "truncated" in m] == [
+        f"short on tinymc: {expected} request(s) longer than the model's context were truncated from the left "
+        "(lm-eval's per-request warnings, summarised)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):   # nothing truncated: nothing said
+        evaluate(tiny_llama_dir, ["tinymc"], EvalSettings(multipl_e_languages=()), include_paths=[mc_task_dir])
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
 def test_bbh_chain_of_thought_variant_runs(tiny_llama_dir, shared_data):
     settings = EvalSettings(limit=1, max_gen_toks=4, bbh_variant="cot", multipl_e_languages=())
     frame = evaluate(tiny_llama_dir, ["bbh"], settings, data_dir=shared_data)
