@@ -24,6 +24,7 @@ whole text (FuseLLM does the same); BPE boundaries inside a word can depend on t
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from fusion.vocab import build_vocab_map
 # available: whether the member contributes there; weights: the members' weights (>= 0);
 # history_ce: the member's mean cross-entropy (nats per token) on the pivot tokens already seen before
 # the position, where it contributed (inf where it has none). Output: log-probabilities [P, V].
+
+log = logging.getLogger(__name__)
 
 Combiner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ENSEMBLE_COMBINERS: Registry = Registry("ensemble combiner")
@@ -325,8 +328,10 @@ class EnsembleLM(LM):
         if self.kv_cache and member.kv_ok:
             try:
                 return self._last_logprobs_cached(member, ids)
-            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as err:
                 # A model class that takes no `cache` (or cannot crop it): full forwards from now on.
+                log.warning("ensemble member %s: no KV cache for generation (%s: %s); recomputing every step",
+                            member.name, type(err).__name__, err)
                 member.kv_ok, member.kv, member.kv_ids = False, None, None
         x = torch.tensor([ids], dtype=torch.long, device=self._device)
         try:

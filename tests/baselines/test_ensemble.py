@@ -257,6 +257,24 @@ def test_kv_cache_generation_equals_full_recompute(kinds, sp_tokenizer, bpe_toke
     assert sum(lengths) < sum(n_full) / 3 and sorted(lengths)[len(lengths) // 2] <= 2
 
 
+def test_a_model_without_a_cache_falls_back_to_full_forwards(llamas, sp_tokenizer, caplog):
+    class NoCache(torch.nn.Module):  # a model class whose forward takes no `cache`
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, logits_to_keep=0):
+            return self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep)
+
+    request = [Instance("generate_until", {}, ("the quick brown", {"until": [], "max_gen_toks": 8}), 0)]
+    want = EnsembleLM([(llamas[0], sp_tokenizer)], kv_cache=False).generate_until(request)
+    ens = EnsembleLM([(NoCache(llamas[0]), sp_tokenizer)])
+    with caplog.at_level("WARNING", logger="baselines.ensemble"):
+        assert ens.generate_until(request) == want
+    assert not ens.members[0].kv_ok
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["ensemble member member0: no KV cache for generation"]
+
+
 def test_scored_by_lm_eval_from_model_args(llama_pool, tiny_gpt2_dir, shared_data, tmp_path):
     """A local multiple-choice task (rows from the shared ARC-Easy copy) through lm_eval.simple_evaluate,
     the ensemble built from lm-eval model_args, members given as HF folders."""
