@@ -187,6 +187,7 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         disable_tqdm=True,
         **extra,
     )
