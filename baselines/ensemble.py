@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,9 +123,56 @@ class _Member:
     prefix_id: int                       # conditioning token for an empty context (BOS, else EOS)
     max_length: int
     to_pivot: torch.Tensor | None = None  # int64 [member vocab]: pivot id or -1 (cross-tokenizer members)
-    kv_ids: list[int] | None = None       # generation: the ids whose keys/values `kv` holds
-    kv: Any = None                        # generation: a transformers DynamicCache, or None
     kv_ok: bool = True                    # False once the model refused a cache (then: full forwards)
+    batch_ok: bool = False                # generation may batch requests (position ids fully define positions)
+
+
+@dataclass
+class _KVSlot:
+    """One generation row's cache of one member: the ids whose keys/values `cache` holds."""
+    ids: list[int] = field(default_factory=list)
+    cache: Any = None
+
+
+@dataclass
+class _KVBatch:
+    """The cache of one member for a batch of generation rows. Each row's tokens sit at increasing cache
+    positions `pos[row]` (not contiguous: positions of tokens the row dropped, and padding, are masked out by
+    `valid`), with their own position ids 0, 1, ..., so the holes change nothing for the model."""
+    ids: list[list[int]]
+    pos: list[list[int]]
+    valid: torch.Tensor                   # bool [rows, cache length]
+    cache: Any = None
+
+
+@dataclass
+class _GenRow:
+    context: str
+    until: list[str]
+    max_new: int
+    ctx_ids: list[int]
+    ctx_decoded: str
+    nll_sum: torch.Tensor                 # [M] members' summed CE (nats) on the text so far ("mince")
+    nll_count: torch.Tensor               # [M]
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+
+
+# Model types whose attention positions come only from position_ids (rotary or learned absolute embeddings,
+# no ALiBi), so a row's tokens may sit anywhere in a batched cache. Sliding-window configs are excluded.
+_BATCHABLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2",
+                          "granite", "stablelm", "smollm3"}
+
+
+def _batchable(model) -> bool:
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _BATCHABLE_MODEL_TYPES:
+        return False
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return not any("sliding" in str(t) for t in layer_types)
+    return getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False
 
 
 def _default_start_ids(tokenizer) -> list[int]:
@@ -205,6 +252,15 @@ def _slice_tokens(tt: TokenizedText, a: int, b: int, text: str) -> tuple[str, To
                               marker=tt.marker, n_bytes=len(sub.encode("utf-8")))
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @register_model("fuselab-ensemble")
 class EnsembleLM(LM):
     """An output ensemble of causal LMs, possibly with different tokenizers, scored on a pivot tokenization.
@@ -278,7 +334,7 @@ class EnsembleLM(LM):
             shares = _same_tokenizer(tok, self.pivot_tokenizer)
             member = _Member(name=name, model=model, tokenizer=tok, shares_pivot=shares,
                              start_ids=_default_start_ids(tok), prefix_id=_prefix_id(tok, name),
-                             max_length=_model_max_length(model, self.max_length))
+                             max_length=_model_max_length(model, self.max_length), batch_ok=_batchable(model))
             if not shares:
                 vmap = build_vocab_map(vocab_map, tok, self.pivot_tokenizer)
                 member.to_pivot = torch.as_tensor(vmap.source_to_target.astype(np.int64))
@@ -319,20 +375,18 @@ class EnsembleLM(LM):
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _last_logprobs(self, member: _Member, ids: list[int]) -> torch.Tensor:
+    def _last_logprobs(self, member: _Member, ids: list[int], slot: _KVSlot | None = None) -> torch.Tensor:
         """Natural-log distribution of the token after `ids`, float32 [1, member logits dim]. Asks the model
         for the last position's logits only (`logits_to_keep=1`): generation needs nothing else, and the
         output layer and log-softmax over every position of a long prompt would dominate each step (a
-        262k-token vocabulary x 500 positions is 0.5 GB of float32 per step). With `kv_cache`, only the
-        ids after the longest prefix shared with the previous call of this member are run."""
-        if self.kv_cache and member.kv_ok:
+        262k-token vocabulary x 500 positions is 0.5 GB of float32 per step). With a `slot` (and `kv_cache`),
+        only the ids after the longest prefix shared with the slot's previous call are run."""
+        if slot is not None and self.kv_cache and member.kv_ok:
             try:
-                return self._last_logprobs_cached(member, ids)
+                return self._last_logprobs_cached(member, ids, slot)
             except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as err:
-                # A model class that takes no `cache` (or cannot crop it): full forwards from now on.
-                log.warning("ensemble member %s: no KV cache for generation (%s: %s); recomputing every step",
-                            member.name, type(err).__name__, err)
-                member.kv_ok, member.kv, member.kv_ids = False, None, None
+                self._no_cache(member, err)
+                slot.ids, slot.cache = [], None
         x = torch.tensor([ids], dtype=torch.long, device=self._device)
         try:
             logits = member.model(input_ids=x, logits_to_keep=1).logits
@@ -340,17 +394,19 @@ class EnsembleLM(LM):
             logits = member.model(input_ids=x).logits
         return torch.log_softmax(logits[0, -1:].float(), dim=-1).cpu()
 
-    def _last_logprobs_cached(self, member: _Member, ids: list[int]) -> torch.Tensor:
+    @staticmethod
+    def _no_cache(member: _Member, err: Exception) -> None:
+        # A model class that takes no `cache` (or cannot crop it): full forwards from now on.
+        log.warning("ensemble member %s: no KV cache for generation (%s: %s); recomputing every step",
+                    member.name, type(err).__name__, err)
+        member.kv_ok = member.batch_ok = False
+
+    def _last_logprobs_cached(self, member: _Member, ids: list[int], slot: _KVSlot) -> torch.Tensor:
         from transformers import DynamicCache
 
-        old = member.kv_ids or []
-        keep = 0
-        for a, b in zip(old, ids):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # at least one id must run to get its logits
-        cache = member.kv
+        old = slot.ids
+        keep = min(_common_prefix(old, ids), len(ids) - 1)  # at least one id must run to get its logits
+        cache = slot.cache
         if cache is None or keep == 0:
             # A cache built without the config holds every layer in full (no sliding-window layers), so it
             # can be cropped to any prefix; the attention masks still apply the model's sliding windows.
@@ -359,15 +415,52 @@ class EnsembleLM(LM):
             cache.crop(keep - len(old))
         if cache.get_seq_length() != keep:
             raise RuntimeError(f"cache holds {cache.get_seq_length()} positions, expected {keep}")
-        member.kv, member.kv_ids = None, None  # until this forward has succeeded
+        slot.ids, slot.cache = [], None  # until this forward has succeeded
         x = torch.tensor([ids[keep:]], dtype=torch.long, device=self._device)
         out = member.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
-        member.kv, member.kv_ids = cache, list(ids)
+        slot.ids, slot.cache = list(ids), cache
         return torch.log_softmax(out.logits[0, -1:].float(), dim=-1).cpu()
 
-    def _reset_kv(self) -> None:
-        for member in self.members:
-            member.kv, member.kv_ids = None, None
+    @torch.inference_mode()
+    def _last_logprobs_batched(self, member: _Member, state: _KVBatch, ids_by_row: dict[int, list[int]]) -> torch.Tensor:
+        """Next-token log-probs [len(ids_by_row), member logits dim] (rows in ascending order) for several
+        generation rows in one forward pass. Per row, the cached tokens after the longest prefix shared with
+        its previous ids are masked out, and only its new ids run; rows not in `ids_by_row` (finished) run
+        padding only."""
+        from transformers import DynamicCache
+
+        if state.cache is None:
+            state.cache = DynamicCache()
+        n_rows, length = state.valid.shape
+        new: dict[int, list[int]] = {}
+        for row, ids in ids_by_row.items():
+            keep = min(_common_prefix(state.ids[row], ids), len(ids) - 1)
+            if keep < len(state.pos[row]):
+                state.valid[row, state.pos[row][keep:]] = False
+                del state.pos[row][keep:]
+            new[row] = ids[len(state.pos[row]):]
+            state.ids[row] = list(ids)
+        width = max(len(t) for t in new.values())
+        pad = member.tokenizer.pad_token_id if member.tokenizer.pad_token_id is not None else 0
+        x = torch.full((n_rows, width), pad, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        fresh = torch.zeros((n_rows, width), dtype=torch.bool)
+        for row, tokens in new.items():
+            start = len(state.pos[row])
+            x[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            position_ids[row, :len(tokens)] = torch.arange(start, start + len(tokens))
+            fresh[row, :len(tokens)] = True
+            state.pos[row].extend(range(length, length + len(tokens)))
+        state.valid = torch.cat([state.valid, fresh], dim=1)
+        out = member.model(input_ids=x.to(self._device), attention_mask=state.valid.long().to(self._device),
+                           position_ids=position_ids.to(self._device), cache=state.cache, use_cache=True,
+                           logits_to_keep=width)
+        if state.cache.get_seq_length() != state.valid.shape[1]:
+            raise RuntimeError(f"batched cache holds {state.cache.get_seq_length()} positions, expected "
+                               f"{state.valid.shape[1]}")
+        rows = sorted(new)
+        last = out.logits[torch.tensor(rows), torch.tensor([len(new[r]) - 1 for r in rows])]
+        return torch.log_softmax(last.float(), dim=-1).cpu()
 
     def _member_view(self, member: _Member, seg: _Segment) -> tuple[list[int], np.ndarray]:
         """The member's input ids for a segment and pos_map int64 [T]: the member position whose
@@ -591,25 +684,42 @@ class EnsembleLM(LM):
                 total -= float(lp.double().gather(-1, target[:, None]).sum())
         return total, n
 
+    def _member_ids(self, member: _Member, row: _GenRow) -> list[int]:
+        """The member's input ids for a generation row's text so far (context + generated)."""
+        if member.shares_pivot:
+            ids = row.ctx_ids + row.generated
+        else:
+            own = tokenize_document(member.tokenizer, row.context + row.text, add_eos=False)
+            start = list(member.start_ids) or ([member.prefix_id] if not len(own) else [])
+            ids = start + [int(i) for i in own.ids]
+        return ids[-member.max_length:]
+
     @torch.inference_mode()
-    def _next_logprobs(self, context_ids: list[int], text: str,
-                       history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pivot-vocabulary log-probs of the token after `context_ids` (which spell `text`): combined [V]
-        and per member [M, V]. history: [M] members' mean CE so far (nats/token; for "mince")."""
-        stacked, avail = [], []
-        for member in self.members:
-            if member.shares_pivot:
-                ids = context_ids
-            else:
-                own = tokenize_document(member.tokenizer, text, add_eos=False)
-                start = list(member.start_ids) or ([member.prefix_id] if not len(own) else [])
-                ids = start + [int(i) for i in own.ids]
-            ids = ids[-member.max_length:]
-            lp = self._last_logprobs(member, ids)
-            stacked.append(self._pivot_rows(member, lp, np.asarray([0])))
-            avail.append(torch.ones(1, dtype=torch.bool))
-        lp = torch.stack(stacked)
-        return self.combiner(lp, torch.stack(avail), self.weights, history[:, None])[0], lp[:, 0]
+    def _step(self, rows: list[_GenRow], active: list[int], states: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One greedy step for the `active` rows: combined pivot log-probs [A, V] and per member [M, A, V].
+        states[m]: member m's caches for these rows, a `_KVBatch` or one `_KVSlot` per row."""
+        stacked = []
+        for m, member in enumerate(self.members):
+            ids_by_row = {i: self._member_ids(member, rows[i]) for i in active}
+            state = states[m]
+            lp = None
+            if isinstance(state, _KVBatch) and member.batch_ok and self.kv_cache and member.kv_ok:
+                try:
+                    lp = self._last_logprobs_batched(member, state, ids_by_row)
+                except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError, IndexError) as err:
+                    log.warning("ensemble member %s: batched generation failed (%s: %s); one row at a time",
+                                member.name, type(err).__name__, err)
+                    member.batch_ok = False
+            if lp is None:
+                if isinstance(state, _KVBatch):  # fall back: a fresh slot per row
+                    state = states[m] = [_KVSlot() for _ in rows]
+                lp = torch.cat([self._last_logprobs(member, ids_by_row[i], state[i]) for i in active])
+            stacked.append(self._pivot_rows(member, lp, np.arange(len(active))))
+        per_member = torch.stack(stacked)                                           # [M, A, V]
+        history = torch.stack([torch.where(rows[i].nll_count > 0, rows[i].nll_sum / rows[i].nll_count.clamp(min=1),
+                                           torch.full_like(rows[i].nll_sum, math.inf)) for i in active], dim=1)
+        available = torch.ones(per_member.shape[:2], dtype=torch.bool)
+        return self.combiner(per_member, available, self.weights, history), per_member
 
     def _context_nll(self, context: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Members' summed CE (nats) [M] and counted pivot tokens [M] on `context`; zeros unless "mince"."""
@@ -629,41 +739,57 @@ class EnsembleLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding on the ensemble distribution; stops at the first `until` string (cut off),
         at the pivot's EOS token, or after max_gen_toks pivot tokens. Every member conditions on the whole
-        text so far at each step, reusing its keys/values for the unchanged prefix (`kv_cache`). "mince" picks, at each
-        step, the member with the lowest mean CE on the context and the tokens generated so far."""
+        text so far at each step, reusing its keys/values for the unchanged prefix (`kv_cache`). Up to
+        `batch_size` requests decode together: a member whose model type takes its positions from position ids
+        alone (llama, qwen2, gpt2, gpt_neox, ...; no sliding window, no ALiBi) runs them in one forward pass,
+        any other member one request at a time. "mince" picks, at each step, the member with the lowest mean
+        CE on the context and the tokens generated so far."""
+        results: list[str] = []
+        for a in range(0, len(requests), self.batch_size):
+            chunk = requests[a:a + self.batch_size]
+            for req, text in zip(chunk, self._generate_chunk([req.args for req in chunk])):
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", req.args, text)
+        return results
+
+    def _generate_chunk(self, args: list[tuple]) -> list[str]:
         tok = self.pivot_tokenizer
-        results = []
-        for req in requests:
-            context, gen_kwargs = req.args
+        rows: list[_GenRow] = []
+        for context, gen_kwargs in args:
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
             if isinstance(until, str):
                 until = [until]
-            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             ctx_ids = list(self.pivot_start_ids) + tok(context, add_special_tokens=False)["input_ids"]
             if not ctx_ids:
                 ctx_ids = [self.pivot_prefix_id]
-            ctx_decoded = tok.decode(ctx_ids, skip_special_tokens=True)
             nll_sum, nll_count = self._context_nll(context)
-            self._reset_kv()
-            generated: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                history = torch.where(nll_count > 0, nll_sum / nll_count.clamp(min=1),
-                                      torch.full_like(nll_sum, math.inf))
-                combined, per_member = self._next_logprobs(ctx_ids + generated, context + text, history)
-                nxt = int(combined.argmax())
+            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            rows.append(_GenRow(context=context, until=list(until), max_new=max_new, ctx_ids=ctx_ids,
+                                ctx_decoded=tok.decode(ctx_ids, skip_special_tokens=True), nll_sum=nll_sum,
+                                nll_count=nll_count, done=max_new <= 0))
+        n = len(rows)
+        states: list = [_KVBatch(ids=[[] for _ in rows], pos=[[] for _ in rows], valid=torch.zeros((n, 0), dtype=torch.bool))
+                        if member.batch_ok and n > 1 else [_KVSlot() for _ in rows] for member in self.members]
+        while True:
+            active = [i for i, row in enumerate(rows) if not row.done]
+            if not active:
+                break
+            combined, per_member = self._step(rows, active, states)
+            for k, i in enumerate(active):
+                row = rows[i]
+                nxt = int(combined[k].argmax())
                 if nxt == tok.eos_token_id:
-                    break
-                nll_sum = nll_sum - per_member[:, nxt]
-                nll_count = nll_count + 1
-                generated.append(nxt)
-                text = tok.decode(ctx_ids + generated, skip_special_tokens=True)[len(ctx_decoded):]
-                hits = [text.index(s) for s in until if s and s in text]
+                    row.done = True
+                    continue
+                row.nll_sum = row.nll_sum - per_member[:, k, nxt]
+                row.nll_count = row.nll_count + 1
+                row.generated.append(nxt)
+                row.text = tok.decode(row.ctx_ids + row.generated, skip_special_tokens=True)[len(row.ctx_decoded):]
+                hits = [row.text.index(s) for s in row.until if s and s in row.text]
                 if hits:
-                    text = text[:min(hits)]
-                    break
-            self._reset_kv()
-            results.append(text)
-            self.cache_hook.add_partial("generate_until", req.args, text)
-        return results
+                    row.text = row.text[:min(hits)]
+                    row.done = True
+                elif len(row.generated) >= row.max_new:
+                    row.done = True
+        return [row.text for row in rows]

@@ -232,29 +232,48 @@ def test_cross_tokenizer_generation_stops(llamas, gpt2, sp_tokenizer, bpe_tokeni
 
 
 @pytest.mark.parametrize("kinds", [("llama", "gpt2"), ("gemma3_text", "gpt_neox"), ("mpt", "llama")])
-def test_kv_cache_generation_equals_full_recompute(kinds, sp_tokenizer, bpe_tokenizer):
-    """Reusing each member's keys/values (cropped back where a cross-tokenizer member's tokenization of the
-    text so far changed at its end) gives the very tokens of recomputing every step, on every model family
-    (gemma3_text: a sliding window shorter than the prompt). The cache is really used: after the first
-    step, members run only the few ids past their unchanged prefix."""
+def test_kv_cache_and_batched_generation_equal_full_recompute(kinds, sp_tokenizer, bpe_tokenizer):
+    """Reusing each member's keys/values (cropped, or masked in a batch, where a cross-tokenizer member's
+    tokenization of the text so far changed at its end) and decoding requests together give the very tokens
+    of recomputing every step one request at a time, on every model family (gemma3_text: a sliding window
+    shorter than the prompt, decoded row by row; mpt: ALiBi, row by row; the others batched). Requests stop
+    at different steps (stop strings, token limits). The caches are really used: after the first step,
+    members run only the few ids past their unchanged prefix, and batchable members run 3 rows at once."""
     members = [(tiny.tiny_model(kinds[0], sp_tokenizer, seed=3), sp_tokenizer),
                (tiny.tiny_model(kinds[1], bpe_tokenizer, seed=4), bpe_tokenizer)]
-    lengths: list[int] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]),
-                                         with_kwargs=True) for m, _ in members]
-    requests = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 12}), i)
-                for i, c in enumerate(["hello world, hello", "def add(a, b):\n   ", "the quick brown fox jumps over"])]
+    shapes: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw, j=j: shapes[j].append(tuple(kw["input_ids"].shape)),
+                                         with_kwargs=True) for j, (m, _) in enumerate(members)]
+    contexts = ["hello world, hello", "def add(a, b):\n   ", "the quick brown fox jumps over"]
+    requests = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 12}), i) for i, c in enumerate(contexts)]
     try:
-        full = EnsembleLM(members, pivot=1, vocab_map="mined", kv_cache=False).generate_until(requests)
-        n_full, lengths[:] = list(lengths), []
-        ens = EnsembleLM(members, pivot=1, vocab_map="mined")
+        full = EnsembleLM(members, pivot=1, vocab_map="mined", kv_cache=False, batch_size=1).generate_until(requests)
+        n_full = sum(b * w for j in shapes for b, w in shapes[j])
+        shapes = {0: [], 1: []}
+        ens = EnsembleLM(members, pivot=1, vocab_map="mined", batch_size=8)
         cached = ens.generate_until(requests)
+        n_cached = sum(b * w for j in shapes for b, w in shapes[j])  # ids run, padding included
+        # ragged stops in one batch: a stop string inside row 0's text, a shorter limit for row 2
+        ragged = [Instance("generate_until", {}, (contexts[0], {"until": [full[0][2:4]], "max_gen_toks": 12}), 0),
+                  requests[1],
+                  Instance("generate_until", {}, (contexts[2], {"until": [], "max_gen_toks": 3}), 2)]
+        want = EnsembleLM(members, pivot=1, vocab_map="mined", kv_cache=False, batch_size=1).generate_until(ragged)
+        got = ens.generate_until(ragged)
     finally:
         for h in hooks:
             h.remove()
     assert cached == full and all(full)
+    stop = full[0][2:4]
+    assert got == want and want[0] == full[0][:full[0].index(stop)] and want[1] == full[1]
+    assert full[2].startswith(want[2]) and len(want[2]) < len(full[2])
     assert all(m.kv_ok for m in ens.members)
-    assert sum(lengths) < sum(n_full) / 3 and sorted(lengths)[len(lengths) // 2] <= 2
+    for j, (model, _) in enumerate(members):
+        widths = sorted(w for _, w in shapes[j])
+        assert widths[len(widths) // 2] <= 2
+        batched = model.config.model_type in ("llama", "gpt2", "gpt_neox")
+        assert ens.members[j].batch_ok == batched
+        assert max(b for b, _ in shapes[j]) == (3 if batched else 1)
+    assert n_cached < n_full / 3
 
 
 def test_a_model_without_a_cache_falls_back_to_full_forwards(llamas, sp_tokenizer, caplog):
