@@ -22,7 +22,7 @@ def _complete(folder: Path) -> bool:
 
 
 def train_domain_experts(base_model_path: Path, texts_by_domain: dict[str, list[str]], out_dir: Path,
-                         settings: TrainSettings, tokenizer) -> dict[str, Path]:
+                         settings: TrainSettings, tokenizer, verbose: bool = True) -> dict[str, Path]:
     """Train one expert per domain from the same base model; returns {domain: expert folder}.
 
     base_model_path: local HF folder of the base (target) model, reloaded fresh for every domain.
@@ -30,6 +30,7 @@ def train_domain_experts(base_model_path: Path, texts_by_domain: dict[str, list[
     out_dir: experts go to out_dir/<domain> as safetensors HF folders with the tokenizer. Each is
     trained in a temporary sibling folder and renamed when complete; an existing complete expert is
     reused (a killed run resumes with the next domain). Every expert uses settings.seed.
+    verbose=False drops the Trainer's per-step log lines.
     """
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +57,7 @@ def train_domain_experts(base_model_path: Path, texts_by_domain: dict[str, list[
         model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype="auto")
         tmp = out_dir / f".{domain}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            train_clm(model, tokenizer, clm_dataset(tokenizer, texts), tmp, settings)
+            train_clm(model, tokenizer, clm_dataset(tokenizer, texts), tmp, settings, verbose=verbose)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

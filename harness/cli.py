@@ -58,6 +58,8 @@ def cmd_run(args) -> int:
     from harness.pipeline import run_experiment
 
     cfg = _config(args)
+    if args.quiet:  # libraries' progress bars too (lm-eval's request bars); tqdm reads this when a bar starts
+        os.environ["TQDM_DISABLE"] = "1"
     result = run_experiment(cfg, progress=not args.quiet, track=not args.no_track)
     import pandas as pd
 

@@ -438,7 +438,8 @@ class _Runner:
                 by_domain.setdefault(r["domain"], []).append(r["text"])
             settings = train_settings(self.cfg, max_steps=self.cfg.baselines.domain_pool.max_steps)
             lm = self.model(self.cfg.target.label)
-            experts = train_domain_experts(lm.path, by_domain, tmp / "experts", settings, lm.tokenizer)
+            experts = train_domain_experts(lm.path, by_domain, tmp / "experts", settings, lm.tokenizer,
+                                           verbose=self.progress)
             (tmp / "experts.json").write_text(json.dumps({d: str(Path(p).relative_to(tmp)) for d, p in experts.items()}))
 
         return self.stage("domain_pool", build)
@@ -518,7 +519,8 @@ class _Runner:
                                 limit=s.limit, max_gen_toks=s.max_gen_toks, bbh_variant=s.bbh_variant)
         include = [self.world.tasks_dir] if self.world is not None else []
         data_dir = Path(self.cfg.evaluation.data_dir).expanduser() if self.cfg.evaluation.data_dir else None
-        df = evaluate(model, list(suites), settings, data_dir=data_dir, include_paths=include, model_name=label)
+        df = evaluate(model, list(suites), settings, data_dir=data_dir, include_paths=include, model_name=label,
+                      progress=self.progress)
         df["model"] = label
         return df
 

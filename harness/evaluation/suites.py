@@ -174,9 +174,30 @@ def summarised_truncation(model_name: str, suite: str):
                         "(lm-eval's per-request warnings, summarised)", model_name, suite, counter.count)
 
 
+def _without_progress_bars(lm) -> list[str]:
+    """Make lm-eval's request methods of this instance run with disable_tqdm=True (lm-eval passes the bar's
+    `disable` explicitly, so TQDM_DISABLE does not reach it); returns the names shadowed on the instance."""
+    import functools
+    import inspect
+
+    names = []
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        method = getattr(lm, name, None)
+        if method is not None and name not in vars(lm) and "disable_tqdm" in inspect.signature(method).parameters:
+            setattr(lm, name, functools.partial(method, disable_tqdm=True))
+            names.append(name)
+    return names
+
+
+def _restore_methods(lm, names: list[str]) -> None:
+    for name in names:
+        delattr(lm, name)
+
+
 def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
              include_paths: list[Path] = (), model_name: str | None = None,
-             log_samples_dir: Path | None = None, task_dir: Path | None = None) -> pd.DataFrame:
+             log_samples_dir: Path | None = None, task_dir: Path | None = None,
+             progress: bool = True) -> pd.DataFrame:
     """Score `model` on `suites` with lm-eval; returns tidy rows (model, suite, task, metric, value, stderr, n, note).
 
     model: an HF model folder (str/Path) or an `lm_eval.api.model.LM` instance (e.g. the output ensemble).
@@ -184,6 +205,7 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
     Values are fractions in [0, 1] (acc, acc_norm, exact_match, pass@1); `n` is examples scored; group rows (task =
     group name) are macro averages. A MultiPL-E language without a toolchain gets value NaN and a "not run" note.
     task_dir: where generated task YAML goes (default: a temporary folder, removed afterwards).
+    progress=False hides the model's per-request progress bars (`disable_tqdm`); results are the same.
     Data resolution and the offline error: see data.py. Deterministic for fixed settings.
     """
     from lm_eval import simple_evaluate
@@ -203,6 +225,8 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
     model_name = model_name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
     frames = []
     with contextlib.ExitStack() as stack:
+        if not progress:
+            stack.callback(_restore_methods, lm, _without_progress_bars(lm))
         root = Path(task_dir) if task_dir is not None else Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="fuselab-tasks-")))
         for suite in suites:

@@ -212,6 +212,19 @@ def test_truncation_warnings_are_summarised_in_one_line(tiny_llama_dir, sp_token
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
 
 
+def test_progress_false_hides_request_bars_and_changes_nothing_else(sp_tokenizer, mc_task_dir, capfd):
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=tiny.tiny_model("llama", sp_tokenizer, seed=0), tokenizer=sp_tokenizer, batch_size=1)
+    settings = EvalSettings(multipl_e_languages=())
+    loud = evaluate(lm, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="m")
+    assert "Running loglikelihood requests" in capfd.readouterr().err
+    quiet = evaluate(lm, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="m", progress=False)
+    assert "Running loglikelihood requests" not in capfd.readouterr().err
+    assert quiet.equals(loud)
+    assert "loglikelihood" not in vars(lm)  # the instance is given back as it came
+
+
 def test_bbh_chain_of_thought_variant_runs(tiny_llama_dir, shared_data):
     settings = EvalSettings(limit=1, max_gen_toks=4, bbh_variant="cot", multipl_e_languages=())
     frame = evaluate(tiny_llama_dir, ["bbh"], settings, data_dir=shared_data)
