@@ -2,7 +2,7 @@
 
 Two strategies, registered in `ALIGNMENTS`:
 - "dtw": the reference FuseLLM dynamic time warping over token strings (cost = Levenshtein distance
-  after removing the word-boundary markers, traceback ties diagonal > up > left). Quadratic per document;
+  after removing the word-boundary markers, traceback ties diagonal > source back > target back). Quadratic per document;
   here the cost matrix is one native `rapidfuzz.process.cdist` over the distinct token strings and the
   recurrence runs vectorised along anti-diagonals, so it gives the reference path at native speed.
 - "offsets": both tokenizations cover the same characters, so fast tokenizers' character spans give the
@@ -94,8 +94,13 @@ def _accumulate(row_tokens: list[str], col_tokens: list[str]) -> np.ndarray:
 
 
 def _traceback(acc: np.ndarray) -> np.ndarray:
-    """The reference path from (n-1, m-1) back to (0, 0) over D = acc [n, m]: at each step the cheapest
-    of diagonal, up, left (a move off the matrix is infinite), ties broken in that order.
+    """The reference path from (n-1, m-1) back to (0, 0) over D = acc [n target, m source]: at each step the
+    cheapest of diagonal, source back (j-1), target back (i-1) (a move off the matrix is infinite), ties broken
+    in that order.
+
+    The reference calls `dtw(source_tokens, target_tokens)`, so its matrix rows are source positions and its
+    "up" step moves back in the source: in this [target, source] orientation that is the left step. Tie
+    order matters: equal-cost paths pair different positions one-to-one.
     Returns int32 [P, 2] (i, j) in path order."""
     n, m = acc.shape
     inf = float("inf")
@@ -110,10 +115,10 @@ def _traceback(acc: np.ndarray) -> np.ndarray:
             left = acc[i, j - 1] if j > 0 else inf
         if diag <= up and diag <= left:
             i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
+        elif left <= up:
             j -= 1
+        else:
+            i -= 1
         path.append((i, j))
     return np.asarray(path[::-1], dtype=np.int32)
 
@@ -125,7 +130,8 @@ def dtw_tokens(target_tokens: list[str], source_tokens: list[str], target_marker
     cost(i, j) = Levenshtein distance between target_tokens[i] with target_marker removed and
     source_tokens[j] with source_marker removed (raw token strings otherwise, as the reference);
     D[i, j] = cost(i, j) + min(D[i-1, j], D[i, j-1], D[i-1, j-1]), D[-1, -1] = 0, other borders infinite;
-    traceback from (n-1, m-1) choosing the cheapest of diagonal, up (i-1), left (j-1), ties in that order.
+    traceback from (n-1, m-1) choosing the cheapest of diagonal, source back (j-1), target back (i-1), ties in
+    that order (the reference's argmin over (diagonal, up, left) in its [source, target] matrix).
     Returns Alignment with pairs int32 [P, 2] = the path (n + m - 1 >= P >= max(n, m)), sorted.
     """
     n, m = len(target_tokens), len(source_tokens)

@@ -14,28 +14,27 @@ from fusion.tokens import TokenizedText, tokenize_document
 
 
 def reference_dtw(target: list[str], source: list[str], target_marker: str, source_marker: str) -> list[list[int]]:
-    """The reference algorithm written plainly (DESIGN.md section 4), for cross-checking."""
+    """The reference algorithm written plainly from DESIGN.md section 4, in the reference's own orientation:
+    it calls dtw(source_tokens, target_tokens), so matrix rows are SOURCE positions, columns TARGET positions.
+    Traceback from the last cell: the cheapest of (diagonal, up = back in the source, left = back in the
+    target), ties resolved in that order (first minimum wins). Returns sorted [target_pos, source_pos] pairs."""
     inf = float("inf")
-    n, m = len(target), len(source)
-    acc = [[inf] * (m + 1) for _ in range(n + 1)]
+    rows, cols = len(source), len(target)
+    acc = [[inf] * (cols + 1) for _ in range(rows + 1)]
     acc[0][0] = 0
-    for i in range(n):
-        for j in range(m):
-            cost = editdistance.eval(target[i].replace(target_marker, ""), source[j].replace(source_marker, ""))
-            acc[i + 1][j + 1] = cost + min(acc[i][j + 1], acc[i + 1][j], acc[i][j])
-    i, j, path = n - 1, m - 1, [[n - 1, m - 1]]
-    while i > 0 or j > 0:
-        diag = acc[i][j] if i > 0 and j > 0 else inf
-        up = acc[i][j + 1] if i > 0 else inf
-        left = acc[i + 1][j] if j > 0 else inf
-        if diag <= up and diag <= left:
-            i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
-            j -= 1
-        path.append([i, j])
-    return path[::-1]
+    for r in range(rows):
+        for c in range(cols):
+            cost = editdistance.eval(source[r].replace(source_marker, ""), target[c].replace(target_marker, ""))
+            acc[r + 1][c + 1] = cost + min(acc[r][c + 1], acc[r + 1][c], acc[r][c])
+    r, c, path = rows - 1, cols - 1, [(rows - 1, cols - 1)]
+    while r > 0 or c > 0:
+        options = [acc[r][c] if r > 0 and c > 0 else inf,     # diagonal
+                   acc[r][c + 1] if r > 0 else inf,          # up: one source position back
+                   acc[r + 1][c] if c > 0 else inf]          # left: one target position back
+        move = options.index(min(options))
+        r, c = (r - 1, c - 1) if move == 0 else (r - 1, c) if move == 1 else (r, c - 1)
+        path.append((r, c))
+    return sorted([t, s] for s, t in path)
 
 
 def doc(offsets: list[tuple[int, int]], tokens: list[str] | None = None, marker: str = "",
@@ -88,14 +87,22 @@ def test_dtw_tie_diagonal_left_takes_diagonal():
     assert dtw_tokens(["a", "a"], ["a", "b"], "", "").pairs.tolist() == [[0, 0], [1, 1]]
 
 
-def test_dtw_tie_up_left_takes_up():
+def test_dtw_tie_up_left_steps_back_in_the_source():
     # target a b a, source b a b (markers on some tokens must not matter):
-    # cost [[1,0,1],[0,1,0],[1,0,1]]; D = [[1,1,2],[1,2,1],[2,1,2]]
-    # (2,2): diag D11=2, up D12=1, left D21=1 -> up (1,2); (1,2): diag D01=1 < up 2, left 2 -> (0,1);
-    # (0,1): only left -> (0,0)
+    # cost [[1,0,1],[0,1,0],[1,0,1]] (rows target); D = [[1,1,2],[1,2,1],[2,1,2]]
+    # (2,2): diag D11=2, target-back D12=1, source-back D21=1: a tie between the two single steps; the reference
+    # (rows = source) takes its "up", one SOURCE position back -> (2,1); (2,1): diag D10=1 < D11=2, D20=2 -> (1,0);
+    # (1,0): only target-back -> (0,0)
     result = dtw_tokens(["▁a", "b", "▁a"], ["Ġb", "a", "Ġb"], "▁", "Ġ")
-    assert result.pairs.tolist() == [[0, 0], [0, 1], [1, 2], [2, 2]]
-    assert result.one_to_one().tolist() == [-1, 2, 2]
+    assert result.pairs.tolist() == [[0, 0], [1, 0], [2, 1], [2, 2]]
+    assert result.one_to_one().tolist() == [0, 0, -1]
+
+
+def test_dtw_tie_issue_14_reproducer():
+    # issue 14: source ['ba','ab','ba'], target ['b','ba','a']: reference target-to-source [[0], [0], [1, 2]]
+    result = dtw_tokens(["b", "ba", "a"], ["ba", "ab", "ba"], "", "")
+    per_target = [result.pairs[result.pairs[:, 0] == t, 1].tolist() for t in range(3)]
+    assert per_target == [[0], [0], [1, 2]]
 
 
 def test_dtw_removes_every_marker_occurrence():
@@ -116,6 +123,16 @@ def test_dtw_matches_reference_on_random_sequences():
         target = [rng.choice(target_pool) for _ in range(rng.randint(1, 14))]
         source = [rng.choice(source_pool) for _ in range(rng.randint(1, 14))]
         assert dtw_tokens(target, source, "▁", "Ġ").pairs.tolist() == reference_dtw(target, source, "▁", "Ġ")
+
+
+def test_dtw_matches_reference_on_tie_heavy_sequences():
+    # one- and two-letter tokens over a two-letter alphabet: equal-cost steps at almost every cell
+    rng = random.Random(11)
+    pool = ["a", "b", "ab", "ba", "aa"]
+    for _ in range(500):
+        target = [rng.choice(pool) for _ in range(rng.randint(1, 9))]
+        source = [rng.choice(pool) for _ in range(rng.randint(1, 9))]
+        assert dtw_tokens(target, source, "", "").pairs.tolist() == reference_dtw(target, source, "", "")
 
 
 # ---------------------------------------------------------------- offsets, hand-made spans
