@@ -52,12 +52,13 @@ def python_dtw(target: list[str], source: list[str], target_marker: str, source_
         diag = acc[i][j] if i > 0 and j > 0 else inf
         up = acc[i][j + 1] if i > 0 else inf
         left = acc[i + 1][j] if j > 0 else inf
+        # the reference's matrix is [source, target]: its ties go diagonal, source back (j here), target back
         if diag <= up and diag <= left:
             i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
+        elif left <= up:
             j -= 1
+        else:
+            i -= 1
         path.append((i, j))
     return path[::-1]
 
