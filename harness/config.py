@@ -65,7 +65,9 @@ class FusionSpec(_Strict):
     duplicate_ids: Literal["sum", "first"] = "sum"
     lam: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
-    store_dtype: Literal["float16", "bfloat16"] = "float16"
+    store_dtype: str = "float16"  # choices: fusion.distributions.STORE_DTYPES (what extraction can write)
+    loss_positions: Literal["next_label", "attention_mask"] = "next_label"
+    avgce_cut: Literal["union", "top_k"] = "union"
     extraction_batch_size: int = Field(8, ge=1)
 
     @field_validator("alignment")
@@ -82,6 +84,15 @@ class FusionSpec(_Strict):
     @classmethod
     def _known_fusion(cls, v: str) -> str:
         return _registered(v, FUSIONS, ["mince", "avgce"])
+
+    @field_validator("store_dtype")
+    @classmethod
+    def _known_store_dtype(cls, v: str) -> str:
+        from fusion.distributions import STORE_DTYPES
+
+        if v not in STORE_DTYPES:
+            raise ValueError(f"unknown store dtype {v!r}; extraction writes: {', '.join(sorted(STORE_DTYPES))}")
+        return v
 
 
 def _registered(value: str, registry, builtin: list[str]) -> str:

@@ -68,6 +68,17 @@ def test_out_of_range_and_unregistered_names(tmp_path):
         load_config(_write(tmp_path, _minimal(fusion={"fusion": "maxce"})))
 
 
+def test_store_dtype_choices_are_what_extraction_writes(tmp_path):
+    # issue 14 item 4: bfloat16 used to pass validation and fail at extraction; float32 was refused
+    from fusion.distributions import STORE_DTYPES
+
+    assert set(STORE_DTYPES) == {"float16", "float32"}
+    assert load_config(_write(tmp_path, _minimal(fusion={"store_dtype": "float32"}))).fusion.store_dtype == "float32"
+    with pytest.raises(ConfigError, match=r"fusion\.store_dtype: unknown store dtype 'bfloat16'; extraction "
+                                          r"writes: float16, float32"):
+        load_config(_write(tmp_path, _minimal(fusion={"store_dtype": "bfloat16"})))
+
+
 def test_missing_model_path_names_field(tmp_path):
     data = {"name": "t", "target": {"ref": "./no/such/model"}, "sources": [{"ref": "/also/missing.gguf"}],
             "corpus": {"kind": "text_files", "paths": [str(tmp_path)]}}
