@@ -98,15 +98,33 @@ def avgce_weights(scores: list[float], weights: str = "softmax_neg") -> np.ndarr
     return e / e.sum()
 
 
-@FUSIONS.register("avgce", reference="Wan et al. 2024, AvgCE")
-def avgce(candidates: list[Candidate], top_k: int, weights: str = "softmax_neg") -> tuple[np.ndarray, np.ndarray]:
-    """Weighted average of the candidates' distributions over the union of their ids, then the top_k largest.
+AVGCE_CUTS = ("union", "top_k")
 
+
+def normalize_rows(probs: np.ndarray) -> np.ndarray:
+    """probs float [n, k] -> each row divided by its sum (float64); all-zero rows stay all-zero."""
+    p = np.asarray(probs, dtype=np.float64)
+    total = p.sum(axis=1, keepdims=True)
+    return np.divide(p, total, out=np.zeros_like(p), where=total > 0)
+
+
+@FUSIONS.register("avgce", reference="Wan et al. 2024, AvgCE")
+def avgce(candidates: list[Candidate], top_k: int, weights: str = "softmax_neg",
+          cut: str = "union") -> tuple[np.ndarray, np.ndarray]:
+    """Weighted average of the candidates' distributions, each row first renormalised to sum 1.
+
+    A candidate keeps only its top-k (mass < 1) while a one-hot fallback row has mass 1: without the
+    renormalisation a fallback would outweigh a real distribution at equal scores. The reference renormalises
+    each candidate's kept top-k (a softmax over the k logits) before averaging, and so does the paper.
     weights: "softmax_neg" = softmax(-score) (paper), "softmax_exp_neg" = softmax(exp(-score)) (reference code).
-    Returns ids int32 [n_t, top_k], probs float32 [n_t, top_k].
+    cut: "union" keeps every id of the union (the reference's dense average; width = sum of the candidates'
+    widths, empty slots id 0 prob 0), "top_k" keeps the top_k largest (the rest of the mass is dropped; the
+    loss renormalises). Returns ids int32 [n_t, width], probs float32 [n_t, width], rows sorted by probability.
     """
     _check(candidates, top_k)
+    if cut not in AVGCE_CUTS:
+        raise ValueError(f"avgce cut must be one of {AVGCE_CUTS}, got {cut!r}")
     w = avgce_weights([c.score for c in candidates], weights)
     ids = np.concatenate([c.ids for c in candidates], axis=1)
-    probs = np.concatenate([c.probs.astype(np.float64) * wi for c, wi in zip(candidates, w)], axis=1)
-    return merge_slots(ids, probs, top_k)
+    probs = np.concatenate([normalize_rows(c.probs) * wi for c, wi in zip(candidates, w)], axis=1)
+    return merge_slots(ids, probs, ids.shape[1] if cut == "union" else top_k)

@@ -128,7 +128,8 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
             ["corpus", f"distributions/{spec.label}", f"distributions/{cfg.target.label}", f"vocab/{spec.label}"])
         fuse_inputs.append(f"aligned/{spec.label}")
     add("fused", "fused", {"fusion": f.fusion, "weights": f.avgce_weights if f.fusion == "avgce" else None,
-                           "score": f.score, "top_k": f.top_k}, fuse_inputs)
+                           "cut": f.avgce_cut if f.fusion == "avgce" else None,
+                           "avgce_normalized": True, "score": f.score, "top_k": f.top_k}, fuse_inputs)
     train_settings = cfg.training.model_dump(mode="json")
     tgt = {"target": ident[cfg.target.label], "seed": cfg.seed}
     add("train/fusellm", "train", {**tgt, "training": train_settings, "lam": f.lam, "temperature": f.temperature},
@@ -377,6 +378,7 @@ class _Runner:
             kwargs = {"top_k": k}
             if f.fusion == "avgce":
                 kwargs["weights"] = f.avgce_weights
+                kwargs["cut"] = f.avgce_cut
             tok = self.tokenizer(tgt_label)
             by_id = {r["doc_id"]: r for r in train_rows}
             out = {"doc_id": [], "input_ids": [], "fused_ids": [], "fused_probs": [], "k": []}

@@ -40,16 +40,33 @@ def test_avgce_weights_by_hand():
         avgce_weights([1.0], "uniform")
 
 
-def test_avgce_union_of_ids_and_top_k():
+def test_avgce_union_of_ids_and_top_k_cut():
     a = cand([[5, 7], [1, 0]], [[0.6, 0.4], [1.0, 0.0]], 0.0)
     b = cand([[7, 9], [2, 1]], [[0.5, 0.5], [0.5, 0.5]], math.log(3))
-    ids, probs = avgce([a, b], top_k=2)
     # weights 3/4, 1/4: row 0 -> 5: .45, 7: .3 + .125 = .425, 9: .125; row 1 -> 1: .75 + .125, 2: .125
-    np.testing.assert_array_equal(ids, [[5, 7], [1, 2]])
-    np.testing.assert_allclose(probs, [[0.45, 0.425], [0.875, 0.125]], rtol=1e-6)
-    ids3, probs3 = avgce([a, b], top_k=4)
-    np.testing.assert_array_equal(ids3, [[5, 7, 9, 0], [1, 2, 0, 0]])
-    np.testing.assert_allclose(probs3, [[0.45, 0.425, 0.125, 0], [0.875, 0.125, 0, 0]], rtol=1e-6)
+    ids, probs = avgce([a, b], top_k=2)          # default cut "union": every id kept, width 2 + 2
+    np.testing.assert_array_equal(ids, [[5, 7, 9, 0], [1, 2, 0, 0]])
+    np.testing.assert_allclose(probs, [[0.45, 0.425, 0.125, 0], [0.875, 0.125, 0, 0]], rtol=1e-6)
+    ids2, probs2 = avgce([a, b], top_k=2, cut="top_k")
+    np.testing.assert_array_equal(ids2, [[5, 7], [1, 2]])
+    np.testing.assert_allclose(probs2, [[0.45, 0.425], [0.875, 0.125]], rtol=1e-6)
+    with pytest.raises(ValueError, match="cut must be one of"):
+        avgce([a, b], top_k=2, cut="top_p")
+
+
+def test_avgce_renormalises_each_candidate_before_weighting():
+    # issue 14 item 3: {10: .3, 11: .2} (a top-k row with mass .5) and a one-hot {12: 1} at equal scores.
+    # The reference renormalises each kept top-k first: {10: .6, 11: .4} and {12: 1}, each weighted 1/2.
+    top_k_row = cand([[10, 11]], [[0.3, 0.2]], 1.0)
+    one_hot = cand([[12, 0]], [[1.0, 0.0]], 1.0)
+    ids, probs = avgce([top_k_row, one_hot], top_k=2)
+    np.testing.assert_array_equal(ids, [[12, 10, 11, 0]])
+    np.testing.assert_allclose(probs, [[0.5, 0.3, 0.2, 0.0]], rtol=1e-6)
+    # an all-zero row (no distribution at that position) contributes nothing and is not divided by zero
+    empty = cand([[0, 0]], [[0.0, 0.0]], 1.0)
+    ids, probs = avgce([top_k_row, empty], top_k=2, cut="top_k")
+    np.testing.assert_array_equal(ids, [[10, 11]])
+    np.testing.assert_allclose(probs, [[0.3, 0.2]], rtol=1e-6)
 
 
 def test_avgce_reference_weights():
