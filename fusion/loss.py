@@ -20,12 +20,25 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
-def valid_fusion_positions(labels: torch.Tensor, fused_probs: torch.Tensor) -> torch.Tensor:
-    """bool [B, L]: positions whose next token is a training target and whose fused row has mass.
+LOSS_POSITIONS = ("next_label", "attention_mask")
 
-    labels [B, L] (unshifted, -100 = ignore); fused_probs [B, L, K].
+
+def valid_fusion_positions(labels: torch.Tensor, fused_probs: torch.Tensor,
+                           positions: str = "next_label") -> torch.Tensor:
+    """bool [B, L]: the positions the fusion term averages over.
+
+    labels [B, L] (unshifted, -100 = ignore / padding); fused_probs [B, L, K].
+    positions="next_label": positions whose next token is a training target and whose fused row has mass
+    (the last position of a sequence predicts nothing in it, so it carries no target).
+    positions="attention_mask": every real (non-padding) position, the last one of each sequence and rows
+    without mass included, as the reference averages its soft cross-entropy over the attention mask (a row
+    without mass adds 0 to the sum but still counts in the mean).
     """
-    return (shift_labels(labels) != IGNORE_INDEX) & (fused_probs.sum(dim=-1) > 0)
+    if positions == "next_label":
+        return (shift_labels(labels) != IGNORE_INDEX) & (fused_probs.sum(dim=-1) > 0)
+    if positions == "attention_mask":
+        return labels != IGNORE_INDEX
+    raise ValueError(f"loss positions must be one of {LOSS_POSITIONS}, got {positions!r}")
 
 
 def clm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -63,14 +76,16 @@ def fused_target(fused_probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Tensor | None,
                 fused_probs: torch.Tensor | None, lam: float, temperature: float = 1.0,
-                num_items_in_batch=None, num_fused_in_batch=None) -> dict[str, torch.Tensor]:
+                num_items_in_batch=None, num_fused_in_batch=None,
+                positions: str = "next_label") -> dict[str, torch.Tensor]:
     """lam * CLM + (1 - lam) * soft-CE(student, fused top-k renormalised with temperature), in nats per token.
 
     logits [B, L, V]; labels [B, L] (-100 = ignore, HF convention: shifted inside); fused_ids [B, L, K] int;
     fused_probs [B, L, K] (position t = distribution of token t+1; rows summing to 0 are ignored).
-    The fusion term is a mean over valid positions (next label != -100 and row mass > 0), or, under gradient
-    accumulation, sum / `num_fused_in_batch` (valid positions over all micro-batches), like the CLM term's
-    `num_items_in_batch`.
+    The fusion term is a mean over the positions `valid_fusion_positions(labels, fused_probs, positions)` selects
+    (default: next label != -100 and row mass > 0; "attention_mask": every real position, the reference), or,
+    under gradient accumulation, sum / `num_fused_in_batch` (those positions over all micro-batches), like the
+    CLM term's `num_items_in_batch`.
     Returns {"loss", "clm_loss", "fusion_loss"}. With lam = 1 the fusion term is not computed at all
     ("fusion_loss" is absent and fused_ids/fused_probs may be None): "loss" is exactly the HF CLM loss.
     """
@@ -98,7 +113,7 @@ def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_ids: torch.Ten
     if torch.is_tensor(clm_denominator):
         clm_denominator = clm_denominator.to(clm_total.device)
     clm = clm_total / clm_denominator
-    valid = valid_fusion_positions(labels, fused_probs).to(logprobs.device)
+    valid = valid_fusion_positions(labels, fused_probs, positions).to(logprobs.device)
     target = fused_target(fused_probs.to(logprobs.device), temperature) * valid.unsqueeze(-1)
     total, count = -(target * gathered[..., 1:]).sum(), valid.sum()
     denominator = num_fused_in_batch if num_fused_in_batch is not None else count

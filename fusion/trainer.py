@@ -87,17 +87,20 @@ def deepspeed_config_path(deepspeed: str | None) -> str | None:
 class FusionTrainer(transformers.Trainer):
     """HF Trainer whose loss is `fusion.loss.fusion_loss`; logs clm_loss and fusion_loss next to loss.
 
-    Extra arguments: lam (CLM weight lambda, 1 = CLM-only) and temperature (applied to the fused distribution).
+    Extra arguments: lam (CLM weight lambda, 1 = CLM-only), temperature (applied to the fused distribution) and
+    loss_positions (which positions the fusion term averages over, see `fusion.loss.valid_fusion_positions`).
     Under gradient accumulation both terms are normalised over the whole accumulated batch, as the HF
     Trainer does for its own CLM loss.
     """
 
-    def __init__(self, *args, lam: float = 0.9, temperature: float = 1.0, **kwargs):
+    def __init__(self, *args, lam: float = 0.9, temperature: float = 1.0, loss_positions: str = "next_label",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         self.lam = lam
         self.temperature = temperature
+        self.loss_positions = loss_positions
         self._num_fused_in_batch = None
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
@@ -107,7 +110,8 @@ class FusionTrainer(transformers.Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._num_fused_in_batch = None
         if self.lam < 1.0 and num_items_in_batch is not None and batch_samples and "fused_probs" in batch_samples[0]:
-            count = sum(valid_fusion_positions(b["labels"], b["fused_probs"]).sum() for b in batch_samples)
+            count = sum(valid_fusion_positions(b["labels"], b["fused_probs"], self.loss_positions).sum()
+                        for b in batch_samples)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count.to(device)).sum()
             self._num_fused_in_batch = count
@@ -125,7 +129,8 @@ class FusionTrainer(transformers.Trainer):
         outputs = model(**inputs, use_cache=False)
         fused_count = self._num_fused_in_batch if num_items_in_batch is not None else None
         parts = fusion_loss(outputs.logits, labels, fused_ids, fused_probs, self.lam, self.temperature,
-                            num_items_in_batch=num_items_in_batch, num_fused_in_batch=fused_count)
+                            num_items_in_batch=num_items_in_batch, num_fused_in_batch=fused_count,
+                            positions=self.loss_positions)
         loss = parts["loss"]
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # Same rescaling as Trainer.compute_loss: the normaliser was summed over processes.
@@ -195,7 +200,7 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
 
 def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, settings: TrainSettings,
                  lam: float, temperature: float = 1.0, deepspeed: str | None = None,
-                 verbose: bool = True) -> TrainResult:
+                 verbose: bool = True, loss_positions: str = "next_label") -> TrainResult:
     """Train `model` on `fused_dataset` with lam * CLM + (1 - lam) * fusion loss and save it to output_dir.
 
     fused_dataset: doc_id, input_ids [n] (target tokenization), fused_ids / fused_probs [n * k], k; with
@@ -216,7 +221,7 @@ def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, 
     collator = FusionCollator(pad_id, cross_document_attention=settings.cross_document_attention)
     args = training_arguments(output_dir, settings, deepspeed)
     trainer = FusionTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                            lam=lam, temperature=temperature)
+                            lam=lam, temperature=temperature, loss_positions=loss_positions)
     if not verbose:  # the log history is still recorded; only the per-step printing goes
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     began = time.perf_counter()

@@ -115,16 +115,17 @@ def run_job(job_path: str | Path, launcher: str | None = "torchrun", nproc: int 
 
 
 def write_job(job_dir: str | Path, *, stage: str, model: dict, dataset: str | Path, settings: dict, lam: float,
-              temperature: float = 1.0) -> Path:
+              temperature: float = 1.0, loss_positions: str = "next_label") -> Path:
     """Write `job.json`: model (a ModelSpec dump with a local `ref`), dataset (save_to_disk folder),
-    settings (fusion.trainer.TrainSettings fields), lam, temperature. Output goes to `<job_dir>/output/`."""
+    settings (fusion.trainer.TrainSettings fields), lam, temperature, loss_positions. Output goes to
+    `<job_dir>/output/`."""
     job_dir = Path(job_dir)
     out = job_dir / "output"
     if out.exists():
         shutil.rmtree(out)
     job_dir.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "model": model, "dataset": str(dataset), "output": str(out), "settings": settings,
-           "lam": lam, "temperature": temperature}
+           "lam": lam, "temperature": temperature, "loss_positions": loss_positions}
     path = job_dir / "job.json"
     path.write_text(json.dumps(job, indent=2))
     return path
@@ -154,7 +155,8 @@ def run_worker(job_path: str | Path) -> None:
     dataset = datasets.load_from_disk(job["dataset"])
     out = Path(job["output"])
     result = train_target(loaded.model, loaded.tokenizer, dataset, out / "model", settings,
-                          lam=float(job["lam"]), temperature=float(job["temperature"]))
+                          lam=float(job["lam"]), temperature=float(job["temperature"]),
+                          loss_positions=job["loss_positions"])
     if rank == 0:
         import deepspeed.comm
 
@@ -245,7 +247,8 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
                 shutil.rmtree(dataset)
             runner.clm_dataset(rows).save_to_disk(str(dataset))
         job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
-                        settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature)
+                        settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature,
+                        loss_positions=cfg.fusion.loss_positions)
         if progress:
             print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
                   f"log {job.parent / 'launch.log'}", flush=True)

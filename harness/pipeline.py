@@ -132,7 +132,8 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
                            "avgce_normalized": True, "score": f.score, "top_k": f.top_k}, fuse_inputs)
     train_settings = cfg.training.model_dump(mode="json")
     tgt = {"target": ident[cfg.target.label], "seed": cfg.seed}
-    add("train/fusellm", "train", {**tgt, "training": train_settings, "lam": f.lam, "temperature": f.temperature},
+    add("train/fusellm", "train", {**tgt, "training": train_settings, "lam": f.lam, "temperature": f.temperature,
+                                   "loss_positions": f.loss_positions},
         ["fused"])
     if cfg.baselines.clm:
         add("train/clm", "train", {**tgt, "training": train_settings, "lam": 1.0}, ["corpus"])
@@ -416,7 +417,8 @@ class _Runner:
         def build(tmp: Path) -> None:
             lm = self.model(self.cfg.target.label)
             res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", train_settings(self.cfg),
-                               lam=lam, temperature=self.cfg.fusion.temperature, verbose=self.progress)
+                               lam=lam, temperature=self.cfg.fusion.temperature, verbose=self.progress,
+                               loss_positions=self.cfg.fusion.loss_positions)
             record = _asdict(res)
             record["model_dir"] = "model"  # relative: the stage folder is renamed into place
             (tmp / "train_result.json").write_text(json.dumps(record, indent=2, default=float))
@@ -603,24 +605,21 @@ def train_settings(cfg: ExperimentConfig, **overrides):
     return TrainSettings(**{k: v for k, v in fields.items() if k in names})
 
 
-PRIMARY_METRICS = ("acc", "exact_match", "pass@1", "acc_norm")
-
-
 def summarize(long: pd.DataFrame, models: list[str]) -> pd.DataFrame:
-    """One row per model: suite averages (primary metric per task, averaged over tasks) and bits per byte per domain."""
+    """One row per model: each suite's average over its tasks of the task's primary metric (every task with a
+    value counts, filtered generation metrics included: `harness.evaluation.suites.primary_scores`) and bits
+    per byte per domain (`bpb_<domain>`) with their mean over domains (`bpb_avg`)."""
+    from harness.evaluation.suites import primary_scores
+
+    primary = primary_scores(long)
     rows = []
     for model in models:
         sub = long[long["model"] == model]
         row: dict[str, Any] = {"model": model}
-        for suite, g in sub[sub["suite"] != "perplexity"].groupby("suite", sort=False):
-            vals = []
-            for _, tg in g.groupby("task", sort=False):
-                for m in PRIMARY_METRICS:
-                    hit = tg[tg["metric"] == m]["value"].dropna()
-                    if len(hit):
-                        vals.append(float(hit.iloc[0]))
-                        break
-            row[suite] = float(np.mean(vals)) if vals else float("nan")
+        mine = primary[primary["model"] == model]
+        for suite in dict.fromkeys(sub.loc[sub["suite"] != "perplexity", "suite"]):
+            vals = pd.to_numeric(mine.loc[mine["suite"] == suite, "value"], errors="coerce").dropna()
+            row[suite] = float(vals.mean()) if len(vals) else float("nan")
         bpb = sub[(sub["suite"] == "perplexity") & (sub["metric"] == "bits_per_byte")]
         for _, r in bpb.iterrows():
             row[f"bpb_{r['task']}"] = float(r["value"])

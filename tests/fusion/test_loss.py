@@ -44,6 +44,23 @@ def test_hand_computed_soft_ce_with_temperature():
                                                  abs=1e-6)
 
 
+def test_attention_mask_positions_are_the_reference_mean():
+    # Same tensors as above, plus a padding position (label -100). The reference averages the soft CE over the
+    # attention mask: every real position, including the last one and the row without mass (which adds 0).
+    logits = torch.tensor([[[0.0, math.log(2), 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]])
+    labels = torch.tensor([[0, 1, 2, -100]])
+    fused_ids = torch.tensor([[[1, 0], [2, 0], [0, 0], [1, 2]]])
+    fused_probs = torch.tensor([[[0.8, 0.2], [0.0, 0.0], [0.5, 0.5], [0.5, 0.5]]])
+    # row 0: 4/3 ln 2 (as above); row 1: no mass, 0; row 2: both slots on id 0, log p(0) = ln 1/3 -> ln 3;
+    # row 3: padding, excluded. Mean over the 3 real positions.
+    out = fusion_loss(logits, labels, fused_ids, fused_probs, lam=0.0, temperature=2.0, positions="attention_mask")
+    assert out["fusion_loss"].item() == pytest.approx((4 / 3 * math.log(2) + math.log(3)) / 3, abs=1e-6)
+    default = fusion_loss(logits, labels, fused_ids, fused_probs, lam=0.0, temperature=2.0)
+    assert default["fusion_loss"].item() == pytest.approx(4 / 3 * math.log(2), abs=1e-6)
+    with pytest.raises(ValueError, match="loss positions must be one of"):
+        fusion_loss(logits, labels, fused_ids, fused_probs, lam=0.5, positions="all")
+
+
 def dense_reference(logits, labels, fused_ids, fused_probs, lam, temperature):
     B, L, V = logits.shape
     logp = torch.log_softmax(logits.double(), -1)
