@@ -1,7 +1,8 @@
 """Paper-style tables and plots for one experiment or one ablation study; `fuselab report` (`report_main`).
 
 Tables are pandas DataFrames (CSV + markdown on disk, artifacts in MLflow); plots are PNG (matplotlib Agg).
-Scores: suite averages are accuracies in [0, 1] (lm-eval's primary metric per task, averaged over tasks);
+Scores: suite averages are fractions in [0, 1] (each task's primary metric, averaged over the suite's tasks:
+`harness.evaluation.suites.primary_scores`);
 `bpb_<domain>` are bits per byte on held-out text (lower is better). Relative gains are percentages:
 for scores `(x - ref) / ref * 100`, for bits per byte the reduction `(ref - x) / ref * 100`, so a
 positive gain is always an improvement.
@@ -20,7 +21,6 @@ import pandas as pd
 from harness.tracking import ATTR_ERROR, ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE, ATTR_SETTING
 
 METHOD_ORDER = ("source", "target", "CLM-only", "FuseLLM", "ensemble", "merge", "domain expert")
-PRIMARY_METRICS = ("acc", "exact_match", "pass@1", "acc_norm")  # the pipeline's choice per task, in order
 SEED_PARAM = "seed"  # the study param that holds a grid trial's seed (studies.spec.SEED_PARAM)
 TARGET_METHOD = "target"
 CLM_METHOD = "CLM-only"
@@ -98,37 +98,31 @@ def bpb_columns(results: pd.DataFrame) -> list[str]:
 
 
 def per_task_scores(eval_long: pd.DataFrame) -> pd.DataFrame:
-    """model x `suite/task` with each task's primary metric (acc, then exact_match, pass@1, acc_norm)."""
-    if eval_long is None or not len(eval_long):
-        return pd.DataFrame()
+    """model x `suite/task`: each task's primary metric (`harness.evaluation.suites.primary_scores`: the first
+    metric of the task's metric list under its first declared filter), every task of every suite, group
+    aggregates left out (the suite averages are in the results table)."""
+    from harness.evaluation.suites import primary_scores
+
     rows: dict[str, dict[str, float]] = {}
-    ev = eval_long[eval_long["suite"] != "perplexity"]
-    for (model, suite, task), g in ev.groupby(["model", "suite", "task"], sort=False):
-        for m in PRIMARY_METRICS:
-            hit = g[g["metric"] == m]["value"].dropna()
-            if len(hit):
-                rows.setdefault(model, {})[f"{suite}/{task}"] = float(hit.iloc[0])
-                break
+    for r in primary_scores(eval_long).itertuples():
+        rows.setdefault(r.model, {})[f"{r.suite}/{r.task}"] = float(r.value)
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def suite_stderr(eval_long: pd.DataFrame) -> pd.DataFrame:
-    """model x suite: standard error of the suite average, sqrt(sum se_task^2) / n_tasks (tasks independent)."""
+    """model x suite: standard error of the suite average, sqrt(sum se_task^2) / n_tasks (tasks independent),
+    from lm-eval's stderr of each task's primary metric (a task without one counts 0); tasks without a value
+    are left out, as in the suite average."""
+    from harness.evaluation.suites import primary_scores
+
     if eval_long is None or not len(eval_long) or "stderr" not in eval_long.columns:
         return pd.DataFrame()
     out: dict[str, dict[str, float]] = {}
-    ev = eval_long[eval_long["suite"] != "perplexity"]
-    for (model, suite), g in ev.groupby(["model", "suite"], sort=False):
-        ses = []
-        for _, tg in g.groupby("task", sort=False):
-            for m in PRIMARY_METRICS:
-                hit = tg[(tg["metric"] == m) & tg["value"].notna()]
-                if len(hit):
-                    se = pd.to_numeric(hit["stderr"], errors="coerce").iloc[0]
-                    ses.append(0.0 if pd.isna(se) else float(se))
-                    break
-        if ses:
-            out.setdefault(model, {})[suite] = math.sqrt(sum(s * s for s in ses)) / len(ses)
+    primary = primary_scores(eval_long)
+    primary = primary[pd.to_numeric(primary["value"], errors="coerce").notna()]
+    for (model, suite), g in primary.groupby(["model", "suite"], sort=False):
+        ses = [0.0 if pd.isna(se) else float(se) for se in pd.to_numeric(g["stderr"], errors="coerce")]
+        out.setdefault(model, {})[suite] = math.sqrt(sum(s * s for s in ses)) / len(ses)
     return pd.DataFrame.from_dict(out, orient="index")
 
 

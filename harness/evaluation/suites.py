@@ -18,12 +18,14 @@ import pandas as pd
 
 from .data import BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, resolve_suite_data
 from .multipl_e import available_languages, toolchain_problem
-from .taskgen import (bbh_task_name, commonsense_task_name, multipl_e_task_name,
+from .taskgen import (bbh_group_name, bbh_task_name, commonsense_task_name, multipl_e_task_name,
                       write_suite_tasks)
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "suite", "task", "metric", "value", "stderr", "n", "note"]
+# primary: this row is its task's primary metric (see `primary_metric_key`); level: "task" or "group" (lm-eval's
+# aggregate over a group's tasks; suite averages are taken over tasks, never over group rows).
+COLUMNS = ["model", "suite", "task", "metric", "value", "stderr", "n", "note", "primary", "level"]
 # lm-eval's own task names, used when the data comes from the HF cache or the hub instead of local files.
 BUILTIN_TASK_NAMES = {
     ("bbh", "direct"): [f"bbh_fewshot_{t}" for t in BBH_TASKS],
@@ -100,11 +102,55 @@ def _number(value) -> float:
         return math.nan
 
 
+# Order of preference among metric names when a task's own metric list is unknown (results without lm-eval's
+# "configs", frames written before the `primary` column existed).
+PRIMARY_PREFERENCE = ("acc", "exact_match", "pass@1", "acc_norm")
+
+
+def metric_name(metric: str, filter_name: str) -> str:
+    """FuseLab's name of lm-eval's metric key `metric,filter`: `metric` for the "none" filter, else
+    `metric_filter` (e.g. "exact_match_get-answer")."""
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
+
+
+def primary_metric_key(config: dict | None, keys: list[str]) -> str | None:
+    """The primary `metric,filter` key of one task among the `keys` lm-eval reported for it (in its order).
+
+    The rule: the first metric of the task's `metric_list` that was reported, under the first filter of its
+    `filter_list` that reported it (lm-eval names the unfiltered result "none"). A generation task with one
+    answer-extraction filter (the micro tasks' "strip", BBH chain-of-thought's "get-answer") is therefore
+    scored through that filter, and a task that declares several filters (e.g. strict-match, flexible-extract)
+    through the first one it declares. Without a config (results from elsewhere), the first reported key of the
+    first metric in `PRIMARY_PREFERENCE`, else the first reported key. None when `keys` is empty.
+    """
+    pairs = [tuple(k.split(",", 1)) for k in keys]
+    if not pairs:
+        return None
+    config = config or {}
+    metrics = [m["metric"] for m in config.get("metric_list") or [] if isinstance(m, dict) and "metric" in m]
+    filters = [f["name"] for f in config.get("filter_list") or [] if isinstance(f, dict) and "name" in f] or ["none"]
+    for metric in metrics:
+        for filter_name in filters:
+            if (metric, filter_name) in pairs:
+                return f"{metric},{filter_name}"
+        for m, f in pairs:  # a filter lm-eval added or renamed: the metric's first reported filter
+            if m == metric:
+                return f"{m},{f}"
+    for metric in PRIMARY_PREFERENCE:
+        for m, f in pairs:
+            if m == metric:
+                return f"{m},{f}"
+    return ",".join(pairs[0])
+
+
 def results_to_frame(results: dict, suite: str, model_name: str) -> pd.DataFrame:
     """lm-eval's results dict -> tidy rows (tasks and groups). Metric names drop lm-eval's ",none" filter suffix;
-    another filter is kept as a suffix (e.g. "exact_match_get-answer")."""
+    another filter is kept as a suffix (e.g. "exact_match_get-answer"). `primary` marks each task's primary
+    metric (`primary_metric_key`, from the task's config in `results["configs"]`); `level` is "group" for
+    lm-eval's group aggregates (the names in `results["group_subtasks"]`), "task" otherwise."""
     n_samples = results.get("n-samples", {})
     subtasks = results.get("group_subtasks", {})
+    configs = results.get("configs", {})
 
     def count(task: str) -> int:
         if task in n_samples:
@@ -116,21 +162,72 @@ def results_to_frame(results: dict, suite: str, model_name: str) -> pd.DataFrame
         for task, metrics in results.get(section, {}).items():
             if section == "groups" and task in results.get("results", {}):
                 continue
-            for key, value in metrics.items():
-                if "," not in key or "_stderr," in key:
-                    continue
+            keys = [k for k in metrics if "," in k and "_stderr," not in k]
+            is_group = task in subtasks
+            primary = None if is_group else primary_metric_key(configs.get(task), keys)
+            for key in keys:
                 metric, filter_name = key.split(",", 1)
-                name = metric if filter_name == "none" else f"{metric}_{filter_name}"
-                rows.append({"model": model_name, "suite": suite, "task": task, "metric": name,
-                             "value": _number(value), "stderr": _number(metrics.get(f"{metric}_stderr,{filter_name}")),
-                             "n": count(task), "note": ""})
+                rows.append({"model": model_name, "suite": suite, "task": task,
+                             "metric": metric_name(metric, filter_name), "value": _number(metrics[key]),
+                             "stderr": _number(metrics.get(f"{metric}_stderr,{filter_name}")),
+                             "n": count(task), "note": "", "primary": key == primary,
+                             "level": "group" if is_group else "task"})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _not_run_rows(model_name: str, languages: tuple[str, ...]) -> list[dict]:
     return [{"model": model_name, "suite": "multipl_e", "task": multipl_e_task_name(lang), "metric": "pass@1",
-             "value": math.nan, "stderr": math.nan, "n": 0, "note": f"not run: {toolchain_problem(lang)}"}
+             "value": math.nan, "stderr": math.nan, "n": 0, "note": f"not run: {toolchain_problem(lang)}",
+             "primary": True, "level": "task"}
             for lang in languages]
+
+
+def _split_metric_name(name: str) -> tuple[str, str]:
+    # Inverse of metric_name for frames without a `primary` column: the longest known metric name that is a
+    # prefix ("acc_norm" is a metric, not acc under a filter "norm").
+    if name in PRIMARY_PREFERENCE:
+        return name, "none"
+    for known in sorted(PRIMARY_PREFERENCE, key=len, reverse=True):
+        if name.startswith(known + "_"):
+            return known, name[len(known) + 1:]
+    return name, "none"
+
+
+def _is_group_row(row) -> bool:
+    # Frames written before the `level` column: the suite itself (an include-path group such as "micro") and
+    # the built-in suites' group names are lm-eval group aggregates.
+    groups = {bbh_group_name("direct"), bbh_group_name("cot"), "fuselab_commonsense", "fuselab_multipl_e"}
+    return row["task"] == row["suite"] or row["task"] in groups
+
+
+def primary_scores(eval_long: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, suite, task) of `eval_long` (evaluate's columns): the task's primary metric.
+
+    Group aggregates and the perplexity rows are left out; a task whose primary value is NaN (not run) keeps its
+    row (callers drop NaN). Frames without the `primary` / `level` columns (written by older versions) get the
+    same rule from metric names: `PRIMARY_PREFERENCE`, a filtered metric counting as its metric.
+    Columns: model, suite, task, metric, value, stderr, n, in the frame's order.
+    """
+    cols = ["model", "suite", "task", "metric", "value", "stderr", "n"]
+    if eval_long is None or not len(eval_long):
+        return pd.DataFrame(columns=cols)
+    ev = eval_long[eval_long["suite"] != "perplexity"]
+    levels = ev["level"] if "level" in ev.columns else pd.Series(None, index=ev.index, dtype=object)
+    is_group = [lvl == "group" if isinstance(lvl, str) else _is_group_row(row)
+                for lvl, (_, row) in zip(levels, ev.iterrows())]
+    ev = ev[[not g for g in is_group]]
+    picked = []
+    for _, g in ev.groupby(["model", "suite", "task"], sort=False):
+        flags = g["primary"].map(lambda v: str(v) in ("True", "1", "1.0")) if "primary" in g.columns else None
+        if flags is not None and g["primary"].notna().any():
+            if flags.any():
+                picked.append(g[flags].iloc[0])
+            continue  # a task (or group) with no primary metric
+        keys = [",".join(_split_metric_name(m)) for m in g["metric"]]
+        picked.append(g.iloc[keys.index(primary_metric_key(None, keys))])
+    if not picked:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame(picked)[cols].reset_index(drop=True)
 
 
 def _write_samples(samples: dict, folder: Path) -> None:

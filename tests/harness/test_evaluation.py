@@ -13,7 +13,7 @@ import yaml
 import tiny
 from harness.evaluation import DataUnavailableError, EvalSettings, evaluate, suite_tasks
 from harness.evaluation.data import BBH_TASKS
-from harness.evaluation.suites import results_to_frame
+from harness.evaluation.suites import primary_metric_key, results_to_frame
 from harness.evaluation.taskgen import parse_cot_prompt, write_suite_tasks
 
 # Two cores shared by several sessions: one thread per forward pass is ~10x faster than oversubscribing.
@@ -166,6 +166,61 @@ def test_results_to_frame_names_metrics():
     assert list(frame.metric) == ["exact_match_get-answer", "acc"]
     assert list(frame.n) == [4, 4]
     assert frame.stderr.iloc[0] == 0.1 and math.isnan(frame.stderr.iloc[1])
+
+
+def test_primary_metric_key_rule():
+    """First metric of the task's metric_list, under the first filter of its filter_list ("none" without one)."""
+    mc = {"metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    assert primary_metric_key(mc, ["acc,none", "acc_norm,none"]) == "acc,none"
+    assert primary_metric_key({"metric_list": [{"metric": "acc_norm"}, {"metric": "acc"}]},
+                              ["acc,none", "acc_norm,none"]) == "acc_norm,none"
+    gen = {"metric_list": [{"metric": "exact_match"}], "filter_list": [{"name": "strip", "filter": []}]}
+    assert primary_metric_key(gen, ["exact_match,strip"]) == "exact_match,strip"
+    gsm8k_like = {"metric_list": [{"metric": "exact_match"}],
+                  "filter_list": [{"name": "strict-match"}, {"name": "flexible-extract"}]}
+    keys = ["exact_match,flexible-extract", "exact_match,strict-match"]  # report order does not decide
+    assert primary_metric_key(gsm8k_like, keys) == "exact_match,strict-match"
+    # no config (results from elsewhere): acc, exact_match, pass@1, acc_norm, a filtered metric counting
+    assert primary_metric_key(None, ["acc_norm,none", "exact_match,get-answer"]) == "exact_match,get-answer"
+    assert primary_metric_key(None, ["bleu,none"]) == "bleu,none" and primary_metric_key(None, []) is None
+
+
+def test_primary_metric_of_generation_filtered_and_cot_tasks_in_a_real_run(tiny_llama_dir, mc_task_dir):
+    """lm-eval's own configs mark the primary rows; the suite average is the mean over all three tasks."""
+    from harness.evaluation.suites import primary_scores
+    from harness.pipeline import summarize
+
+    docs = [{"question": d["question"], "answer": d["choices"][d["gold"]]} for d in MC_DOCS]
+    data = mc_task_dir / "gen.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+              "output_type": "generate_until", "doc_to_target": "answer",
+              "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    (mc_task_dir / "tinygen.yaml").write_text(yaml.safe_dump({
+        "task": "tinygen", **common, "doc_to_text": "{{question}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 3, "do_sample": False},
+        "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}]}))
+    (mc_task_dir / "tinycot.yaml").write_text(yaml.safe_dump({
+        "task": "tinycot", **common, "doc_to_text": "Q: {{question}}\nA: Let's think step by step.\n",
+        "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": 3, "do_sample": False},
+        "filter_list": [{"name": "get-answer", "filter": [{"function": "regex",
+                                                           "regex_pattern": "(?<=the answer is )(.*)(?=.)"},
+                                                          {"function": "take_first"}]},
+                        {"name": "flexible", "filter": [{"function": "take_first"}]}]}))
+    (mc_task_dir / "_tinysuite.yaml").write_text(yaml.safe_dump({
+        "group": "tinysuite", "task": ["tinymc", "tinygen", "tinycot"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]}))
+    frame = evaluate(tiny_llama_dir, ["tinysuite"], EvalSettings(multipl_e_languages=()),
+                     include_paths=[mc_task_dir], model_name="m")
+    primary = frame[frame.primary]
+    assert dict(zip(primary.task, primary.metric)) == {
+        "tinymc": "acc", "tinygen": "exact_match_strip", "tinycot": "exact_match_get-answer"}
+    assert set(frame.metric[frame.task == "tinycot"]) == {"exact_match_get-answer", "exact_match_flexible"}
+    assert list(frame.level[frame.task == "tinysuite"]) == ["group"]
+    assert sorted(primary_scores(frame).task) == ["tinycot", "tinygen", "tinymc"]  # the group row left out
+    by_task = dict(zip(primary.task, primary.value))
+    expected = (by_task["tinymc"] + by_task["tinygen"] + by_task["tinycot"]) / 3
+    assert summarize(frame, ["m"]).loc[0, "tinysuite"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_an_lm_instance_scores_like_the_model_folder(tiny_llama_dir, sp_tokenizer, mc_task_dir):

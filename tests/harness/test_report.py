@@ -72,6 +72,56 @@ def test_per_task_scores_and_suite_stderr():
     assert table.loc["fusellm", "micro/docs_qa"] == 0.75 and math.isnan(table.loc["clm", "micro/arith"])
 
 
+# The micro suite as the pipeline stores it (evaluate's rows): 3 multiple-choice tasks (acc primary, acc_norm
+# not) and 3 generation tasks whose exact match goes through the task's "strip" filter; a BBH chain-of-thought
+# suite whose answers are read by the "get-answer" filter; lm-eval's group rows. Values are binary fractions.
+_MICRO_ROWS = [
+    # task, metric, value, primary, level
+    ("micro_arithmetic_mc", "acc", 0.25, True, "task"),
+    ("micro_arithmetic_mc", "acc_norm", 0.75, False, "task"),
+    ("micro_arithmetic_gen", "exact_match_strip", 0.0, True, "task"),
+    ("micro_code_mc", "acc", 0.25, True, "task"),
+    ("micro_code_mc", "acc_norm", 0.5, False, "task"),
+    ("micro_code_gen", "exact_match_strip", 0.0, True, "task"),
+    ("micro_docs_mc", "acc", 0.0, True, "task"),
+    ("micro_docs_mc", "acc_norm", 0.25, False, "task"),
+    ("micro_docs_gen", "exact_match_strip", 0.0, True, "task"),
+]
+_COT_ROWS = [
+    ("fuselab_bbh_cot_navigate", "exact_match_get-answer", 0.5, True, "task"),
+    ("fuselab_bbh_cot_snarks", "exact_match_get-answer", 0.25, True, "task"),
+    ("fuselab_bbh_cot_web_of_lies", "exact_match_get-answer", 0.0, True, "task"),
+    ("fuselab_bbh_cot", "exact_match_get-answer", 0.25, False, "group"),  # lm-eval's aggregate, not a task
+]
+SUITES_LONG = pd.DataFrame(
+    [("fusellm", "micro", t, m, v, 0.125, 4, "", p, lvl) for t, m, v, p, lvl in _MICRO_ROWS]
+    + [("fusellm", "bbh", t, m, v, 0.125, 4, "", p, lvl) for t, m, v, p, lvl in _COT_ROWS]
+    + [("fusellm", "perplexity", "docs", "bits_per_byte", 2.0, float("nan"), 40, "", float("nan"), float("nan"))],
+    columns=["model", "suite", "task", "metric", "value", "stderr", "n", "note", "primary", "level"])
+
+
+@pytest.mark.parametrize("stored", ["with primary/level columns", "written before those columns"])
+def test_suite_average_counts_generation_filtered_and_cot_tasks(stored):
+    from harness.pipeline import summarize
+
+    long = SUITES_LONG if stored.startswith("with") else SUITES_LONG.drop(columns=["primary", "level"])
+    row = summarize(long, ["fusellm"]).iloc[0]
+    # (0.25 + 0 + 0.25 + 0 + 0 + 0) / 6 = 0.0833..., not (0.25 + 0.25 + 0) / 3 over the multiple-choice tasks
+    assert row["micro"] == pytest.approx(0.5 / 6, rel=1e-12)
+    assert row["bbh"] == pytest.approx(0.25, rel=1e-12)  # (0.5 + 0.25 + 0) / 3, the group row not counted
+    assert row["bpb_docs"] == 2.0 and row["bpb_avg"] == 2.0
+    tasks = per_task_scores(long)
+    assert sorted(tasks.columns) == sorted(
+        ["micro/micro_arithmetic_mc", "micro/micro_arithmetic_gen", "micro/micro_code_mc", "micro/micro_code_gen",
+         "micro/micro_docs_mc", "micro/micro_docs_gen", "bbh/fuselab_bbh_cot_navigate", "bbh/fuselab_bbh_cot_snarks",
+         "bbh/fuselab_bbh_cot_web_of_lies"])
+    assert tasks.loc["fusellm", "micro/micro_code_gen"] == 0.0
+    assert tasks.loc["fusellm", "micro/micro_arithmetic_mc"] == 0.25  # acc, not acc_norm
+    assert tasks.loc["fusellm", "bbh/fuselab_bbh_cot_navigate"] == 0.5
+    se = suite_stderr(long)  # sqrt(6 * 0.125^2) / 6 over all six tasks
+    assert se.loc["fusellm", "micro"] == pytest.approx(0.125 / math.sqrt(6), rel=1e-12)
+
+
 def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
     cfg = validate_config({"name": "report-test", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
                            "sources": [{"ref": "micro:llama-docs"}, {"ref": "micro:neox-code"}]})
