@@ -178,6 +178,24 @@ def _per_model_values(method: str, key: str, value: Any, n: int) -> list[Any]:
     return [value] * n
 
 
+def check_merge_request(method: str, params: dict, n_models: int | None = None) -> MergeMethodSpec:
+    """Validate a merge before any model exists: `method` is registered, every name in `params` is one of
+    mergekit's parameters for it, and, when `n_models` (models merged besides the base) is known, the method
+    takes that many. Raises ValueError naming the method and what would fix it; returns the method's spec."""
+    from mergekit.merge_methods import get as get_mergekit_method
+
+    spec: MergeMethodSpec = MERGE_METHODS.get(method)
+    allowed = {p.name for p in get_mergekit_method(method).spec.parameters}
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(f"merge method {method!r} has no parameter(s) {sorted(unknown)}; "
+                         f"its parameters: {sorted(allowed)}")
+    if spec.n_models is not None and n_models is not None and n_models != spec.n_models:
+        raise ValueError(f"merge method {method!r} merges exactly {spec.n_models} model(s) into the base; "
+                         f"the pool has {n_models}")
+    return spec
+
+
 def build_merge_config(model_paths: list[Path], method: str, *, base_model: Path | None, params: dict,
                        dtype: str = "float32") -> dict:
     """The mergekit configuration dict (`MergeConfiguration.model_validate` input) for a merge.
@@ -186,9 +204,7 @@ def build_merge_config(model_paths: list[Path], method: str, *, base_model: Path
     with one value per entry of `model_paths`; the others are method-wide. Unknown names raise,
     listing the method's parameters (from mergekit's own method spec).
     """
-    from mergekit.merge_methods import get as get_mergekit_method
-
-    spec: MergeMethodSpec = MERGE_METHODS.get(method)
+    spec = check_merge_request(method, params)
     paths = [Path(p) for p in model_paths]
     base = Path(base_model) if base_model is not None else None
     if spec.needs_base and base is None:
@@ -202,12 +218,6 @@ def build_merge_config(model_paths: list[Path], method: str, *, base_model: Path
     if spec.n_models is not None and len(merged) != spec.n_models:
         raise ValueError(f"merge method {method!r} merges exactly {spec.n_models} model(s) into the base; "
                          f"got {len(merged)}: {[str(p) for p in merged]}")
-
-    allowed = {p.name for p in get_mergekit_method(method).spec.parameters}
-    unknown = set(params) - allowed
-    if unknown:
-        raise ValueError(f"merge method {method!r} has no parameter(s) {sorted(unknown)}; "
-                         f"its parameters: {sorted(allowed)}")
     values = {**spec.per_model_defaults, **spec.global_defaults, **params}
     per_model = {k: _per_model_values(method, k, v, len(merged)) for k, v in values.items() if k in PER_MODEL_PARAMS}
     shared = {k: v for k, v in values.items() if k not in PER_MODEL_PARAMS}

@@ -123,13 +123,46 @@ class TrainingSpec(_Strict):
 
 class EnsembleSpec(_Strict):
     enabled: bool = True
-    combiner: str = "mean"
+    combiner: str = "mean"  # a name in baselines.ensemble.ENSEMBLE_COMBINERS
     members: list[str] | None = None  # source names; default all sources
+    weights: list[float] | None = None  # one per member, for combiner "weighted" only
+
+    @field_validator("combiner")
+    @classmethod
+    def _known_combiner(cls, v: str) -> str:
+        from baselines.ensemble import ENSEMBLE_COMBINERS
+
+        return _registered(v, ENSEMBLE_COMBINERS, [])
+
+    @model_validator(mode="after")
+    def _weights_only_when_weighted(self):
+        if self.combiner == "weighted" and self.weights is None:
+            raise ValueError("weights: combiner 'weighted' needs one weight per member (without weights it is "
+                             "'mean')")
+        if self.combiner != "weighted" and self.weights is not None:
+            raise ValueError(f"weights: combiner {self.combiner!r} takes no weights; use combiner: weighted")
+        if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise ValueError(f"weights: must be >= 0 with a positive sum, got {self.weights}")
+        return self
 
 
 class MergeSpec(_Strict):
-    method: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    method: str  # a name in baselines.merging.MERGE_METHODS
+    params: dict[str, Any] = Field(default_factory=dict)  # mergekit's parameters for that method
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from baselines.merging import MERGE_METHODS
+
+        return _registered(v, MERGE_METHODS, [])
+
+    @model_validator(mode="after")
+    def _known_params(self):
+        from baselines.merging import check_merge_request
+
+        check_merge_request(self.method, self.params)
+        return self
 
 
 class DomainPoolSpec(_Strict):
@@ -206,16 +239,43 @@ class ExperimentConfig(_Strict):
             raise ValueError("world: micro:* models or a micro corpus need `world: {kind: micro}`")
         if self.corpus.kind != "micro" and not self.corpus.paths:
             raise ValueError(f"corpus.paths: corpus kind {self.corpus.kind!r} needs at least one file")
-        if self.baselines.ensemble.enabled and self.baselines.ensemble.members:
-            unknown = sorted(set(self.baselines.ensemble.members) - set(labels))
+        ensemble = self.baselines.ensemble
+        if ensemble.enabled and ensemble.members:
+            unknown = sorted(set(ensemble.members) - set(labels))
             if unknown:
                 raise ValueError(f"baselines.ensemble.members: unknown sources {unknown}; sources are {labels}")
+        n_members = len(ensemble.members or labels)
+        if ensemble.enabled and ensemble.weights is not None and len(ensemble.weights) != n_members:
+            raise ValueError(f"baselines.ensemble.weights: {len(ensemble.weights)} weights for {n_members} members "
+                             f"({ensemble.members or labels}); give one per member, in members order")
         if self.baselines.merges and not self.baselines.domain_pool.enabled:
             raise ValueError(
                 "baselines.merges: merging needs structurally identical models; enable baselines.domain_pool "
                 "(copies of the target trained per domain)"
             )
+        self._check_merges_fit_the_pool()
         return self
+
+    def _check_merges_fit_the_pool(self) -> None:
+        """A method that takes a fixed number of models (slerp: 1 into the base) must match the pool's size
+        (one expert per corpus domain) where that is known before reading data: the micro corpus, text files."""
+        from baselines.merging import check_merge_request
+
+        if not self.baselines.merges:
+            return
+        if self.corpus.kind == "micro":
+            from harness.micro.corpus import DOMAINS
+
+            n_experts = len(DOMAINS)
+        elif self.corpus.kind == "text_files":
+            n_experts = len({Path(p).name.split(".")[0] for p in self.corpus.paths})
+        else:
+            return  # jsonl: the domains are in the data
+        for i, merge in enumerate(self.baselines.merges):
+            try:
+                check_merge_request(merge.method, merge.params, n_models=n_experts)
+            except ValueError as err:
+                raise ValueError(f"baselines.merges.{i}: {err} (one domain expert per corpus domain)") from None
 
     def content_hash(self) -> str:
         """Stable hash of the resolved config (independent of key order and of defaults being spelled out)."""

@@ -150,6 +150,11 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         if name == "ensemble":
             # the ensemble's per-domain bits per byte (same windows as the single models) since this version
             settings["protocol"] = "ensemble-perplexity-1"
+            ens = cfg.baselines.ensemble
+            members = ens.members or [s.label for s in cfg.sources]
+            settings["ensemble"] = {"combiner": ens.combiner, "weights": ens.weights,
+                                    "members": {m: ident[m] for m in members},
+                                    "alignment": cfg.fusion.alignment, "vocab_map": cfg.fusion.vocab_map}
         add(f"eval/{name}", "eval", settings, inputs + world_in)
     return Plan(cfg, cache, stages, world_key)
 
@@ -498,7 +503,8 @@ class _Runner:
             pivot = self.tokenizer(self.cfg.target.label)
             s = self.cfg.evaluation.settings
             lm = EnsembleLM(members=[(l.model, l.tokenizer) for l in loaded], pivot=pivot,
-                            combiner=self.cfg.baselines.ensemble.combiner, alignment=self.cfg.fusion.alignment,
+                            combiner=self.cfg.baselines.ensemble.combiner,
+                            weights=self.cfg.baselines.ensemble.weights, alignment=self.cfg.fusion.alignment,
                             vocab_map=self.cfg.fusion.vocab_map, batch_size=s.batch_size,
                             max_gen_toks=s.max_gen_toks, names=members)
             yield name, lm, lm  # it scores held-out text itself (EnsembleLM.windowed_nll)

@@ -79,6 +79,30 @@ def test_store_dtype_choices_are_what_extraction_writes(tmp_path):
         load_config(_write(tmp_path, _minimal(fusion={"store_dtype": "bfloat16"})))
 
 
+def test_merges_and_combiners_checked_at_load(tmp_path):
+    # a misspelled method, an unknown parameter, slerp (1 model into the base) against the micro pool's
+    # 3 experts, an unknown combiner and weights that do not match the members fail before any work
+    pool = {"domain_pool": {"enabled": True}}
+    cases = [
+        ({**pool, "merges": [{"method": "linearr"}]}, r"baselines\.merges\.0\.method: unknown merge method 'linearr'"),
+        ({**pool, "merges": [{"method": "ties", "params": {"densty": 0.5}}]},
+         r"baselines\.merges\.0: .*merge method 'ties' has no parameter\(s\) \['densty'\]"),
+        ({**pool, "merges": [{"method": "slerp"}]},
+         r"baselines\.merges\.0: merge method 'slerp' merges exactly 1 model\(s\) into the base; the pool has 3"),
+        ({"ensemble": {"combiner": "median"}}, r"baselines\.ensemble\.combiner: unknown ensemble combiner 'median'"),
+        ({"ensemble": {"combiner": "weighted"}}, r"baselines\.ensemble: .*combiner 'weighted' needs one weight"),
+        ({"ensemble": {"combiner": "mean", "weights": [1, 2]}}, r"combiner 'mean' takes no weights"),
+        ({"ensemble": {"combiner": "weighted", "weights": [1, 2, 3]}},
+         r"baselines\.ensemble\.weights: 3 weights for 2 members"),
+    ]
+    for baselines, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, _minimal(baselines=baselines)))
+    ok = load_config(_write(tmp_path, _minimal(baselines={"ensemble": {"combiner": "weighted", "weights": [3, 1]},
+                                                          **pool, "merges": [{"method": "ties"}]})))
+    assert ok.baselines.ensemble.weights == [3.0, 1.0]
+
+
 def test_missing_model_path_names_field(tmp_path):
     data = {"name": "t", "target": {"ref": "./no/such/model"}, "sources": [{"ref": "/also/missing.gguf"}],
             "corpus": {"kind": "text_files", "paths": [str(tmp_path)]}}
