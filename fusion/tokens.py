@@ -124,9 +124,14 @@ def is_byte_level(tokenizer) -> bool:
 
 def token_text(token: str, marker: str, byte_level: bool) -> str:
     """The text a token stands for: the marker becomes a space; byte-level tokens are mapped back
-    through GPT-2's bytes_to_unicode table and decoded as utf-8 (errors="replace", so a token that
-    holds part of a multi-byte character becomes "\ufffd"); sentencepiece byte-fallback tokens
-    ("<0x0A>") become that byte's character (bytes >= 0x80 alone are not valid utf-8 -> "\ufffd").
+    through GPT-2's bytes_to_unicode table and decoded as utf-8; sentencepiece byte-fallback tokens
+    ("<0x0A>") become that byte's character.
+
+    Bytes that are not (complete) utf-8, e.g. a token holding the first byte of a multi-byte character,
+    decode with errors="surrogateescape": byte 0xNN becomes the lone surrogate U+DCNN, one code point per
+    byte. So two byte tokens have equal texts exactly when they stand for the same bytes (byte-level "Ã"
+    and byte-fallback "<0xC3>" are both "\udcc3"), and no byte token ever equals a real character or
+    collapses with other byte tokens into one replacement character.
     """
     if byte_level:
         table = _unicode_to_byte()
@@ -138,11 +143,15 @@ def token_text(token: str, marker: str, byte_level: bool) -> str:
                 raw += char.encode("utf-8")
             else:
                 raw.append(byte)
-        return raw.decode("utf-8", errors="replace")
+        return raw.decode("utf-8", errors="surrogateescape")
     fallback = _BYTE_FALLBACK.fullmatch(token)
     if fallback:
-        return bytes([int(fallback.group(1), 16)]).decode("utf-8", errors="replace")
+        return bytes([int(fallback.group(1), 16)]).decode("utf-8", errors="surrogateescape")
     return token.replace(marker, " ") if marker else token
+
+
+def _added_contents(tokenizer) -> dict[int, str]:
+    return {int(i): tok.content for i, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()}
 
 
 def normalized_vocab(tokenizer) -> list[str]:
@@ -154,13 +163,42 @@ def normalized_vocab(tokenizer) -> list[str]:
     """
     marker = detect_word_boundary(tokenizer)
     byte_level = is_byte_level(tokenizer)
-    added = {int(i): tok.content for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    added = _added_contents(tokenizer)
     size = len(tokenizer)
     vocab = [""] * size
     for token, idx in tokenizer.get_vocab().items():
         if 0 <= idx < size:
             vocab[idx] = added[idx] if idx in added else token_text(token, marker, byte_level)
     return vocab
+
+
+def raw_vocab(tokenizer) -> list[str]:
+    """Index = token id (0 .. len(tokenizer)-1), value = the token string exactly as the tokenizer spells it
+    (with its marker, byte-level alphabet, "<0xNN>" byte-fallback pieces; added tokens by their content),
+    i.e. `convert_ids_to_tokens` for every id. Ids without a token get "".
+    """
+    size = len(tokenizer)
+    vocab = [""] * size
+    for token, idx in tokenizer.get_vocab().items():
+        if 0 <= idx < size:
+            vocab[idx] = token
+    for idx, content in _added_contents(tokenizer).items():
+        if 0 <= idx < size:
+            vocab[idx] = content
+    return vocab
+
+
+def reference_vocab(tokenizer, target_marker: str) -> list[str]:
+    """The reference FuseLLM's token strings: `raw_vocab` with this tokenizer's word-boundary marker replaced
+    by `target_marker` wherever it occurs (for a Llama target and a GPT-NeoX/MPT source: "Ġ" -> "▁"), and
+    nothing else changed: byte-level "Ċ" stays "Ċ", "<0x0A>" stays "<0x0A>". Without a marker on either
+    side (or the same marker on both) the raw strings are returned.
+    """
+    marker = detect_word_boundary(tokenizer)
+    vocab = raw_vocab(tokenizer)
+    if not marker or not target_marker or marker == target_marker:
+        return vocab
+    return [text.replace(marker, target_marker) for text in vocab]
 
 
 def require_fast_tokenizer(tokenizer, name: str) -> None:

@@ -31,6 +31,7 @@ def cmd_plan(args) -> int:
     except ImportError:
         est = None
     print(f"experiment {cfg.name} ({cfg.content_hash()}); cache {plan.cache.root}")
+    print(_fusion_switches(cfg.fusion))
     import pandas as pd
 
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
@@ -39,6 +40,14 @@ def cmd_plan(args) -> int:
         print("\nestimates:")
         print(_format_estimate(est))
     return 0
+
+
+def _fusion_switches(fusion) -> str:
+    """One line with every method switch as resolved (a preset fills the switches the config leaves unset)."""
+    from harness.config import REFERENCE_PRESET
+
+    names = ["vocab_map", "fusion", "score", *REFERENCE_PRESET]
+    return f"fusion (preset {fusion.preset}): " + ", ".join(f"{n}={getattr(fusion, n)}" for n in names)
 
 
 def _format_estimate(est) -> str:

@@ -54,7 +54,24 @@ class CorpusSpec(_Strict):
     min_chars: int = Field(20, ge=1)
 
 
+# Every switch of the reference FuseLLM implementation's behaviour (README "The method and its switches").
+# `fusion.preset: reference` fills each of them that the config does not set itself.
+REFERENCE_PRESET: dict[str, Any] = {
+    "alignment": "dtw",
+    "vocab_text": "reference",
+    "special_tokens": "string",
+    "position0": "prepend_marker",
+    "fallback_onehot": "current_token",
+    "duplicate_ids": "first",
+    "empty_rows": "target",
+    "avgce_weights": "softmax_exp_neg",
+    "avgce_cut": "union",
+    "loss_positions": "attention_mask",
+}
+
+
 class FusionSpec(_Strict):
+    preset: Literal["default", "reference"] = "default"
     top_k: int = Field(10, ge=1, le=256)
     alignment: str = "offsets"
     vocab_map: str = "mined"
@@ -63,12 +80,33 @@ class FusionSpec(_Strict):
     score: Literal["ce", "bpb"] = "ce"
     fallback_onehot: Literal["next_token", "current_token"] = "next_token"
     duplicate_ids: Literal["sum", "first"] = "sum"
+    vocab_text: Literal["normalized", "reference"] = "normalized"
+    special_tokens: Literal["role", "string"] = "role"
+    position0: Literal["strict", "prepend_marker"] = "strict"
+    empty_rows: Literal["zero", "target"] = "zero"
     lam: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
     store_dtype: str = "float16"  # choices: fusion.distributions.STORE_DTYPES (what extraction can write)
     loss_positions: Literal["next_label", "attention_mask"] = "next_label"
     avgce_cut: Literal["union", "top_k"] = "union"
     extraction_batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        # Before validation the input still tells which switches the config spells out: those win.
+        if isinstance(data, dict) and data.get("preset") == "reference":
+            data = {**REFERENCE_PRESET, **data}
+        return data
+
+    def vocab_options(self) -> dict[str, str]:
+        """Keyword arguments of `fusion.vocab.build_vocab_map` besides the method."""
+        return {"text": self.vocab_text, "special_tokens": self.special_tokens}
+
+    def aligned_options(self) -> dict[str, str]:
+        """Keyword arguments of `fusion.aligned.align_distribution` (switches only, no arrays)."""
+        return {"fallback_onehot": self.fallback_onehot, "duplicate_ids": self.duplicate_ids,
+                "position0": self.position0, "empty_rows": self.empty_rows}
 
     @field_validator("alignment")
     @classmethod

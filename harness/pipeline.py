@@ -121,10 +121,12 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     for spec in cfg.sources:
         if spec.label == cfg.target.label:
             continue  # the target is a candidate as itself (no alignment)
+        # "bytes": byte tokens compared as bytes since this version (they all collapsed into U+FFFD before)
         add(f"vocab/{spec.label}", "vocab", {"source": ident[spec.label], "target": ident[cfg.target.label],
-                                             "method": f.vocab_map}, world_in)
+                                             "method": f.vocab_map, **f.vocab_options(), "bytes": 1}, world_in)
         add(f"aligned/{spec.label}", "aligned",
-            {"alignment": f.alignment, "fallback": f.fallback_onehot, "duplicates": f.duplicate_ids},
+            {"alignment": f.alignment, "fallback": f.fallback_onehot, "duplicates": f.duplicate_ids,
+             "position0": f.position0, "empty_rows": f.empty_rows},
             ["corpus", f"distributions/{spec.label}", f"distributions/{cfg.target.label}", f"vocab/{spec.label}"])
         fuse_inputs.append(f"aligned/{spec.label}")
     add("fused", "fused", {"fusion": f.fusion, "weights": f.avgce_weights if f.fusion == "avgce" else None,
@@ -317,8 +319,11 @@ class _Runner:
         from fusion.vocab import build_vocab_map
 
         def build(tmp: Path) -> None:
-            vm = build_vocab_map(self.cfg.fusion.vocab_map, self.tokenizer(label), self.tokenizer(self.cfg.target.label))
+            f = self.cfg.fusion
+            vm = build_vocab_map(f.vocab_map, self.tokenizer(label), self.tokenizer(self.cfg.target.label),
+                                 **f.vocab_options())
             np.save(tmp / "source_to_target.npy", vm.source_to_target)
+            np.save(tmp / "prefixed_to_target.npy", vm.prefixed_to_target)
             (tmp / "summary.json").write_text(json.dumps(
                 {"method": vm.method, "mapped": int((vm.source_to_target >= 0).sum()),
                  "source_vocab": int(vm.source_to_target.shape[0])}))
@@ -336,7 +341,14 @@ class _Runner:
         def build(tmp: Path) -> None:
             f = self.cfg.fusion
             src_ds = datasets.load_from_disk(str(self.plan.path(f"distributions/{label}") / "dataset"))
-            vm = VocabMap(np.load(self.plan.path(f"vocab/{label}") / "source_to_target.npy"), f.vocab_map)
+            vocab_dir = self.plan.path(f"vocab/{label}")
+            vm = VocabMap(np.load(vocab_dir / "source_to_target.npy"), f.vocab_map,
+                          np.load(vocab_dir / "prefixed_to_target.npy"))
+            target_rows = None
+            if f.empty_rows == "target":  # the target's own top-k fills accepted rows left empty
+                tgt_dist = self.plan.path(f"distributions/{self.cfg.target.label}")
+                tgt_ds = datasets.load_from_disk(str(tgt_dist / "dataset"))
+                target_rows = {r["doc_id"]: i for i, r in enumerate(tgt_ds.select_columns(["doc_id"]))}
             align_fn = ALIGNMENTS.get(f.alignment)
             tgt_tok, src_tok = self.tokenizer(self.cfg.target.label), self.tokenizer(label)
             bos, eos = False, True  # as extraction tokenizes (reference); BOS is a training-time option
@@ -349,8 +361,11 @@ class _Runner:
                 st = tokenize_document(src_tok, text, add_bos=bos, add_eos=eos)
                 s_ids, s_lp, _ = topk_arrays(row, f.top_k)
                 al = align_fn(tt, st)
-                ids, probs = align_distribution(tt, st, s_ids, s_lp, al, vm, fallback_onehot=f.fallback_onehot,
-                                                duplicate_ids=f.duplicate_ids)
+                t_ids = t_lp = None
+                if target_rows is not None:
+                    t_ids, t_lp, _ = topk_arrays(tgt_ds[target_rows[row["doc_id"]]], f.top_k)
+                ids, probs = align_distribution(tt, st, s_ids, s_lp, al, vm, **f.aligned_options(),
+                                                target_ids=t_ids, target_logprobs=t_lp)
                 one = al.one_to_one()
                 n_one_to_one += int((one >= 0).sum())
                 n_target += len(tt)

@@ -12,6 +12,8 @@ from fusion.tokens import (
     detect_word_boundary,
     is_byte_level,
     normalized_vocab,
+    raw_vocab,
+    reference_vocab,
     require_fast_tokenizer,
     token_text,
     tokenize_document,
@@ -54,17 +56,45 @@ def test_bytes_to_unicode_table_is_gpt2s():
     ("the", "▁", False, "the"),
     ("<0x0A>", "▁", False, "\n"),
     ("<0x41>", "▁", False, "A"),
-    ("<0xC3>", "▁", False, "\ufffd"),        # a lone lead byte is not text
+    ("<0xC3>", "▁", False, "\udcc3"),        # a lone lead byte is not text: one escape code point per byte
+    ("<0xA9>", "▁", False, "\udca9"),
     ("Ġthe", "Ġ", True, " the"),
     ("ĊĠĠĠ", "Ġ", True, "\n   "),
     ("Ã©", "Ġ", True, "é"),
     ("æĹ¥", "Ġ", True, "日"),
-    ("Ã", "Ġ", True, "\ufffd"),              # first byte of "é" alone
+    ("Ã", "Ġ", True, "\udcc3"),              # first byte of "é" alone: the same text as "<0xC3>"
+    ("ĠÎ", "Ġ", True, " \udcce"),            # space + first byte of "Ω" (0xCE 0xA9)
+    ("©", "Ġ", True, "\udca9"),              # its second byte; not the character "©" (0xC2 0xA9)
+    ("æĹ", "Ġ", True, "\udce6\udc97"),       # two of the three bytes of "日"
     ("<|endoftext|>", "Ġ", True, "<|endoftext|>"),
     ("##ing", "", False, "##ing"),
 ])
 def test_token_text(token, marker, byte_level, expected):
     assert token_text(token, marker, byte_level) == expected
+
+
+def test_byte_tokens_never_collapse_into_one_text():
+    """All 128 bytes >= 0x80 as byte-level tokens: 128 distinct texts, each equal to its byte-fallback twin."""
+    table = {byte: char for char, byte in _unicode_to_byte().items()}
+    byte_level_texts = [token_text(table[b], "Ġ", True) for b in range(0x80, 0x100)]
+    fallback_texts = [token_text(f"<0x{b:02X}>", "▁", False) for b in range(0x80, 0x100)]
+    assert len(set(byte_level_texts)) == 128 and byte_level_texts == fallback_texts
+    assert "\ufffd" not in "".join(byte_level_texts)
+    # a whole character stays that character: "Î©" (0xCE 0xA9) is "Ω", distinct from its byte tokens
+    assert token_text("Î©", "Ġ", True) == "Ω" and token_text("Î", "Ġ", True) + token_text("©", "Ġ", True) != "Ω"
+
+
+def test_raw_and_reference_vocab(sp_tokenizer, bpe_tokenizer):
+    raw = raw_vocab(bpe_tokenizer)
+    assert len(raw) == len(bpe_tokenizer)
+    assert raw == bpe_tokenizer.convert_ids_to_tokens(list(range(len(bpe_tokenizer))))
+    newline, b = bpe_tokenizer.convert_tokens_to_ids("Ċ"), bpe_tokenizer.convert_tokens_to_ids("Ġb")
+    # only the marker changes: "Ġb" -> "▁b"; "Ċ" stays the byte-alphabet character, specials stay as they are
+    ref = reference_vocab(bpe_tokenizer, "▁")
+    assert (ref[b], ref[newline], ref[0]) == ("▁b", "Ċ", "<|endoftext|>")
+    assert reference_vocab(bpe_tokenizer, "Ġ") == raw  # same marker on both sides: nothing to replace
+    sp_ref = reference_vocab(sp_tokenizer, "Ġ")
+    assert sp_ref[sp_tokenizer.convert_tokens_to_ids("▁the")] == "Ġthe" and sp_ref[:3] == ["<unk>", "<s>", "</s>"]
 
 
 def test_normalized_vocab(sp_tokenizer, bpe_tokenizer):

@@ -201,3 +201,39 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
                           cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("fuselab: error: typo.yaml: fusion.lamda: unknown key")
+
+
+def test_reference_preset_fills_every_unset_switch(tmp_path):
+    from harness.config import REFERENCE_PRESET, FusionSpec
+
+    default = load_config(_write(tmp_path, _minimal(), "d.yaml")).fusion
+    ref = load_config(_write(tmp_path, _minimal(fusion={"preset": "reference"}), "r.yaml")).fusion
+    expected = {"alignment": "dtw", "vocab_text": "reference", "special_tokens": "string",
+                "position0": "prepend_marker", "fallback_onehot": "current_token", "duplicate_ids": "first",
+                "empty_rows": "target", "avgce_weights": "softmax_exp_neg", "avgce_cut": "union",
+                "loss_positions": "attention_mask"}
+    assert REFERENCE_PRESET == expected and set(expected) <= set(FusionSpec.model_fields)
+    assert {k: getattr(ref, k) for k in expected} == expected
+    # every switch but avgce_cut (whose default already is the reference's) differs from the default
+    assert [k for k in expected if getattr(default, k) == expected[k]] == ["avgce_cut"]
+    # the rest of the section is untouched
+    assert (ref.vocab_map, ref.fusion, ref.lam, ref.top_k) == (default.vocab_map, default.fusion, 0.9, 10)
+
+
+def test_explicit_switch_beats_the_preset(tmp_path):
+    path = _write(tmp_path, _minimal(fusion={"preset": "reference", "duplicate_ids": "sum"}))
+    cfg = load_config(path)
+    assert (cfg.fusion.duplicate_ids, cfg.fusion.fallback_onehot) == ("sum", "current_token")
+    # an override on the command line is an explicit setting too, either way round
+    cfg = load_config(_write(tmp_path, _minimal(), "o.yaml"), ["fusion.preset=reference", "fusion.alignment=offsets"])
+    assert (cfg.fusion.alignment, cfg.fusion.vocab_text) == ("offsets", "reference")
+    with pytest.raises(ConfigError, match=r"fusion\.preset"):
+        load_config(_write(tmp_path, _minimal(fusion={"preset": "faithful"}), "bad.yaml"))
+
+
+def test_paper_config_uses_the_reference_preset():
+    cfg = load_config(REPO / "studies" / "paper_llama2_openllama_mpt_7b.yaml", check_paths=False)
+    from harness.config import REFERENCE_PRESET
+
+    assert cfg.fusion.preset == "reference"
+    assert {k: getattr(cfg.fusion, k) for k in REFERENCE_PRESET} == REFERENCE_PRESET
