@@ -32,37 +32,44 @@ STOP_TOKENS = {
 }
 
 
+JAR = "{jar}"  # an argv element replaced, whole, by the javatuples jar's path
+
+
 @dataclass(frozen=True)
 class Toolchain:
     language: str                 # data file suffix: humaneval-<language>.jsonl
     file_name: str                # the program file inside the sandbox
-    command: tuple[str, ...]      # run (and build) command; "{jar}" is replaced by the javatuples jar
-    needs: tuple[str, ...]        # executables that must be on PATH
+    command: tuple[str, ...]      # run (and build) argv; an element equal to JAR becomes the javatuples jar
+    needs: tuple[str, ...]        # executables that must be on PATH (made visible inside the jail)
     probe: tuple[str, ...] = ()   # extra command that must succeed (library present)
     probe_hint: str = ""
     memory_mb: int | None = 4096  # RLIMIT_AS; None for runtimes that reserve huge address space (JVM)
     timeout_s: float = 15.0       # compiled languages spend most of it compiling
+    max_processes: int = 64       # processes + threads of the run (the JVM starts dozens of threads)
 
 
-def _sh(script: str) -> tuple[str, ...]:
-    return ("bash", "-c", script)
+def _script(script: str, *args: str) -> tuple[str, ...]:
+    """Build-then-run steps as a constant bash script. Variable data (a path) reaches it only as a positional
+    argument ("$1"), never pasted into the script text, so no value can change what the shell parses."""
+    return ("bash", "-c", script, "bash", *args)
 
 
 TOOLCHAINS: dict[str, Toolchain] = {t.language: t for t in [
     Toolchain("python", "program.py", (sys.executable, "program.py"), ()),
     Toolchain("js", "program.js", ("node", "program.js"), ("node",)),
-    Toolchain("ts", "program.ts", _sh("tsc --target es2020 --lib es2020,dom --types node program.ts 2>/dev/null; "
-                                       "node program.js"), ("tsc", "node")),
-    Toolchain("cpp", "program.cpp", _sh("g++ -std=c++17 -O0 program.cpp -o program && ./program"), ("g++",),
+    Toolchain("ts", "program.ts", _script("tsc --target es2020 --lib es2020,dom --types node program.ts 2>/dev/null; "
+                                           "node program.js"), ("tsc", "node")),
+    Toolchain("cpp", "program.cpp", _script("g++ -std=c++17 -O0 program.cpp -o program && ./program"), ("g++",),
               timeout_s=30.0),
-    Toolchain("rs", "program.rs", _sh("rustc --edition 2021 -A warnings program.rs -o program && ./program"),
+    Toolchain("rs", "program.rs", _script("rustc --edition 2021 -A warnings program.rs -o program && ./program"),
               ("rustc",), timeout_s=30.0),
-    Toolchain("java", "Problem.java", _sh("javac -cp {jar} Problem.java && java -ea -cp {jar}:. Problem"),
-              ("javac", "java"), memory_mb=None, timeout_s=30.0),
+    Toolchain("java", "Problem.java", _script('javac -cp "$1" Problem.java && java -ea -cp "$1":. Problem', JAR),
+              ("javac", "java"), memory_mb=None, timeout_s=30.0, max_processes=256),
     Toolchain("sh", "program.sh", ("bash", "program.sh"), ("bash",)),
     Toolchain("pl", "program.pl", ("perl", "program.pl"), ("perl",), ("perl", "-MTest::Deep", "-e", "1"),
               "the Perl module Test::Deep (apt install libtest-deep-perl)"),
-    Toolchain("go", "program_test.go", _sh("go test program_test.go"), ("go",), timeout_s=30.0),
+    Toolchain("go", "program_test.go", ("go", "test", "program_test.go"), ("go",), timeout_s=30.0,
+              max_processes=256),
     Toolchain("php", "program.php", ("php", "program.php"), ("php",)),
     Toolchain("rb", "program.rb", ("ruby", "program.rb"), ("ruby",)),
     Toolchain("r", "program.r", ("Rscript", "program.r"), ("Rscript",)),
@@ -70,13 +77,14 @@ TOOLCHAINS: dict[str, Toolchain] = {t.language: t for t in [
               "the Lua library luaunit (luarocks install luaunit)"),
     Toolchain("jl", "program.jl", ("julia", "program.jl"), ("julia",), timeout_s=30.0),
     Toolchain("rkt", "program.rkt", ("racket", "program.rkt"), ("racket",), timeout_s=30.0),
-    Toolchain("swift", "program.swift", _sh("swiftc program.swift -o program && ./program"), ("swiftc",),
+    Toolchain("swift", "program.swift", _script("swiftc program.swift -o program && ./program"), ("swiftc",),
               timeout_s=30.0),
-    Toolchain("scala", "Problem.scala", _sh("scalac Problem.scala && scala Problem"), ("scalac", "scala"),
-              memory_mb=None, timeout_s=60.0),
-    Toolchain("d", "program.d", _sh("dmd -unittest program.d -of=program && ./program"), ("dmd",), timeout_s=30.0),
-    Toolchain("cs", "Problem.cs", _sh("mcs -d:DEBUG -r:System.Numerics.dll Problem.cs -out:Problem.exe && "
-                                      "mono Problem.exe"), ("mcs", "mono"), timeout_s=30.0),
+    Toolchain("scala", "Problem.scala", _script("scalac Problem.scala && scala Problem"), ("scalac", "scala"),
+              memory_mb=None, timeout_s=60.0, max_processes=256),
+    Toolchain("d", "program.d", _script("dmd -unittest program.d -of=program && ./program"), ("dmd",),
+              timeout_s=30.0),
+    Toolchain("cs", "Problem.cs", _script("mcs -d:DEBUG -r:System.Numerics.dll Problem.cs -out:Problem.exe && "
+                                          "mono Problem.exe"), ("mcs", "mono"), timeout_s=30.0, max_processes=256),
 ]}
 LANGUAGES = tuple(TOOLCHAINS)
 
@@ -146,10 +154,12 @@ def execute(doc: dict, completion: str, language: str, limits: SandboxLimits | N
     if problem:
         raise RuntimeError(problem)
     chain = TOOLCHAINS[language]
-    jar = javatuples_jar() or ""
-    command = [part.replace("{jar}", jar) for part in chain.command]
-    limits = limits or SandboxLimits(timeout_s=chain.timeout_s, memory_mb=chain.memory_mb)
-    return run_sandboxed(command, {chain.file_name: assemble_program(doc, completion, language)}, limits)
+    jar = javatuples_jar() if JAR in chain.command else None
+    command = [jar if part == JAR else part for part in chain.command]
+    limits = limits or SandboxLimits(timeout_s=chain.timeout_s, memory_mb=chain.memory_mb,
+                                     max_processes=chain.max_processes)
+    return run_sandboxed(command, {chain.file_name: assemble_program(doc, completion, language)}, limits,
+                         tools=chain.needs, read_only_paths=(jar,) if jar else ())
 
 
 def pass_at_1(doc: dict, results: list[str], language: str) -> dict[str, float]:
