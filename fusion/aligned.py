@@ -66,15 +66,7 @@ def align_distribution(target: TokenizedText, source: TokenizedText, source_ids:
 
     ids = np.zeros((n_t, k), dtype=np.int32)
     probs = np.zeros((n_t, k), dtype=np.float32)
-    src_pos = alignment.one_to_one()
-    eligible = src_pos >= 0
-    eligible[eligible] = s2t[source.ids[src_pos[eligible]]] == target.ids[eligible]
-    if (position0 == "prepend_marker" and n_t and src_pos[0] >= 0
-            and _lacks_leading_marker(target, source, int(src_pos[0]))):
-        if vocab_map.prefixed_to_target is None:
-            raise ValueError("position0='prepend_marker' needs vocab_map.prefixed_to_target: build the vocab map "
-                             "with fusion.vocab.build_vocab_map")
-        eligible[0] = vocab_map.prefixed_to_target[source.ids[src_pos[0]]] == target.ids[0]
+    src_pos, eligible = accepted_positions(target, source, alignment, vocab_map, position0)
     rows = np.flatnonzero(eligible)
     if len(rows):
         mapped = s2t[source_ids[src_pos[rows]]]                                   # [m, k], -1 = unmapped
@@ -100,6 +92,27 @@ def align_distribution(target: TokenizedText, source: TokenizedText, source_ids:
         ids[fallback, 0] = target.ids[fallback]
     probs[fallback, 0] = 1.0
     return ids, probs
+
+
+def accepted_positions(target: TokenizedText, source: TokenizedText, alignment: Alignment, vocab_map: VocabMap,
+                       position0: str = "strict") -> tuple[np.ndarray, np.ndarray]:
+    """Which target positions take the source's distribution (the rule `align_distribution` applies).
+
+    Returns (src_pos int32 [n_t]: `alignment.one_to_one()`, the source position or -1; accepted bool [n_t]:
+    one-to-one and the source token maps to the target token, with the reference's position-0 marker rule
+    when position0="prepend_marker").
+    """
+    s2t = vocab_map.source_to_target
+    src_pos = alignment.one_to_one()
+    accepted = src_pos >= 0
+    accepted[accepted] = s2t[source.ids[src_pos[accepted]]] == target.ids[accepted]
+    if (position0 == "prepend_marker" and len(target.ids) and src_pos[0] >= 0
+            and _lacks_leading_marker(target, source, int(src_pos[0]))):
+        if vocab_map.prefixed_to_target is None:
+            raise ValueError("position0='prepend_marker' needs vocab_map.prefixed_to_target: build the vocab map "
+                             "with fusion.vocab.build_vocab_map")
+        accepted[0] = vocab_map.prefixed_to_target[source.ids[src_pos[0]]] == target.ids[0]
+    return src_pos, accepted
 
 
 def _lacks_leading_marker(target: TokenizedText, source: TokenizedText, s: int) -> bool:
