@@ -479,11 +479,14 @@ class EnsembleLM(LM):
             if n_ps and n_ms:
                 pos_map[n_ps - 1] = n_ms - 1      # both condition on the empty text
             if len(own) and len(seg.pivot):
-                s = self.align(seg.pivot, own).one_to_one().astype(np.int64)
+                alignment = self.align(seg.pivot, own)
+                s = alignment.one_to_one().astype(np.int64)
                 t = np.nonzero(s >= 0)[0]
                 s = s[t]
-                ok = (member.to_pivot.numpy()[own.ids[s]] == seg.pivot.ids[t]) & \
-                     (own.offsets[s, 1] == seg.pivot.offsets[t, 1])
+                # an alignment whose pairs already mean "same prefix" (accept "any", fusion.boundary) needs no
+                # token agreement; the same-end check still keeps the member on the pivot's prefix text
+                same_token = (member.to_pivot.numpy()[own.ids[s]] == seg.pivot.ids[t]) | (alignment.accept == "any")
+                ok = same_token & (own.offsets[s, 1] == seg.pivot.offsets[t, 1])
                 pos_map[n_ps + t[ok]] = n_ms + s[ok]
         cut = max(0, len(ids) - member.max_length)
         if cut:

@@ -4,4 +4,4 @@ Never imports `harness`: everything takes models, tokenizers, arrays and datacla
 """
 
 # Importing the method modules fills the registries (ALIGNMENTS, VOCAB_MAPS, FUSIONS) by name.
-from . import align, fuse, vocab  # noqa: E402,F401
+from . import align, boundary, fuse, vocab  # noqa: E402,F401

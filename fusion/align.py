@@ -26,11 +26,16 @@ from .tokens import TokenizedText
 
 @dataclass(frozen=True)
 class Alignment:
-    """pairs: int32 [P, 2], columns (target_pos, source_pos), sorted by target then source."""
+    """pairs: int32 [P, 2], columns (target_pos, source_pos), sorted by target then source.
+
+    accept: what a one-to-one pair needs before the source's distribution is used there: "token_match" (the
+    paper: the source token maps to the target token) or "any" (the pair itself says both models predict the
+    same continuation, as `fusion.boundary` pairs do)."""
 
     pairs: np.ndarray
     n_target: int
     n_source: int
+    accept: str = "token_match"
 
     def one_to_one(self) -> np.ndarray:
         """int32 [n_target]: the source position when target position t is aligned to exactly one
@@ -45,8 +50,8 @@ class Alignment:
         return out
 
 
-def _empty(n_target: int, n_source: int) -> Alignment:
-    return Alignment(pairs=np.zeros((0, 2), dtype=np.int32), n_target=n_target, n_source=n_source)
+def _empty(n_target: int, n_source: int, accept: str = "token_match") -> Alignment:
+    return Alignment(pairs=np.zeros((0, 2), dtype=np.int32), n_target=n_target, n_source=n_source, accept=accept)
 
 
 def _factorize(strings: list[str]) -> tuple[list[str], np.ndarray]:

@@ -100,11 +100,14 @@ def accepted_positions(target: TokenizedText, source: TokenizedText, alignment: 
 
     Returns (src_pos int32 [n_t]: `alignment.one_to_one()`, the source position or -1; accepted bool [n_t]:
     one-to-one and the source token maps to the target token, with the reference's position-0 marker rule
-    when position0="prepend_marker").
+    when position0="prepend_marker"; for an alignment with accept="any" (`fusion.boundary`) every one-to-one
+    position).
     """
     s2t = vocab_map.source_to_target
     src_pos = alignment.one_to_one()
     accepted = src_pos >= 0
+    if alignment.accept == "any":
+        return src_pos, accepted
     accepted[accepted] = s2t[source.ids[src_pos[accepted]]] == target.ids[accepted]
     if (position0 == "prepend_marker" and len(target.ids) and src_pos[0] >= 0
             and _lacks_leading_marker(target, source, int(src_pos[0]))):
