@@ -74,7 +74,15 @@ def cmd_run(args) -> int:
 
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
         print("\nResults (suite averages; bpb = bits per byte on held-out text, lower is better):")
-        print(result.results.to_string(index=False))
+        if len(getattr(result, "intervals", ())):
+            from harness.report import MARK_VS_CLM, MARK_VS_TARGET, uncertainty_table
+
+            print(uncertainty_table(result).to_string())
+            print(f"[lo, hi]: 95% bootstrap interval (n = items or held-out documents); {MARK_VS_TARGET} / "
+                  f"{MARK_VS_CLM}: differs from the target / CLM-only (paired test, p < 0.05); "
+                  f"p-values: comparisons.csv in {result.run_dir}")
+        else:
+            print(result.results.to_string(index=False))
     return 0
 
 

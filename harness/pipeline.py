@@ -144,7 +144,8 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         add("domain_pool", "domain_pool", {**tgt, "training": train_settings, "max_steps": pool.max_steps}, ["corpus"])
         for m in cfg.baselines.merges:
             add(f"merge/{m.method}", "merge", {"method": m.method, "params": m.params}, ["domain_pool"])
-    ev = {"suites": cfg.evaluation.suites, "settings": cfg.evaluation.settings.model_dump(mode="json"),
+    # "units": the stage also keeps per-item and per-document scores (intervals, paired tests) since version 1
+    ev = {"units": 1, "suites": cfg.evaluation.suites, "settings": cfg.evaluation.settings.model_dump(mode="json"),
           "perplexity": cfg.evaluation.perplexity.model_dump(mode="json"), "data_dir": cfg.evaluation.data_dir}
     for name in evaluated_models(cfg):
         inputs = ["corpus"] + _model_stage(cfg, name)
@@ -204,6 +205,9 @@ class ExperimentResult:
     # every stage of the plan this run passed through: stage, seconds (its build time, also when it was
     # cached: recorded in the stage's _meta.json when it was built), cached
     stage_times: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["stage", "seconds", "cached"]))
+    # every score's bootstrap interval and the paired tests vs the target and CLM-only (harness.stats)
+    intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 class _Runner:
@@ -490,17 +494,43 @@ class _Runner:
 
     # -- evaluation
     def evaluate(self, name: str, rows_by_domain: dict[str, list[str]]) -> pd.DataFrame:
+        """The eval stage of one model (several rows for the domain pool): eval_long.csv (scores), plus the
+        per-unit scores the intervals and paired tests resample (harness.stats): eval_items.csv (lm-eval's
+        per-item scores) and eval_docs.csv (per held-out document nll and bytes)."""
+        from harness.stats import DOC_COLUMNS, ITEM_COLUMNS
+
         def build(tmp: Path) -> None:
-            frames, ppl = [], []
+            frames, ppl, items, docs = [], [], [], []
             for label, lm_obj, tok_model in self.eval_models(name):
-                frames.append(self.run_suites(label, lm_obj))
+                scores, per_item = self.run_suites(label, lm_obj)
+                frames.append(scores)
+                items.append(per_item)
                 if self.cfg.evaluation.perplexity.enabled and tok_model is not None:
-                    ppl.append(self.run_perplexity(label, tok_model, rows_by_domain))
+                    rows, per_doc = self.run_perplexity(label, tok_model, rows_by_domain)
+                    ppl.append(rows)
+                    docs.append(per_doc)
             long = pd.concat(frames + ppl, ignore_index=True) if frames or ppl else pd.DataFrame()
             long.to_csv(tmp / "eval_long.csv", index=False)
+            for frame_list, columns, file in ((items, ITEM_COLUMNS, "eval_items.csv"),
+                                              (docs, DOC_COLUMNS, "eval_docs.csv")):
+                kept = [f for f in frame_list if len(f)]
+                (pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=columns)).to_csv(
+                    tmp / file, index=False)
 
         path = self.stage(f"eval/{name}", build)
         return pd.read_csv(path / "eval_long.csv")
+
+    def eval_units(self, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(per-item scores, per-document nll) of a finished eval stage; empty frames for a stage cached
+        before they were kept."""
+        from harness.stats import DOC_COLUMNS, ITEM_COLUMNS
+
+        path = self.plan.path(f"eval/{name}")
+        out = []
+        for file, columns in (("eval_items.csv", ITEM_COLUMNS), ("eval_docs.csv", DOC_COLUMNS)):
+            f = path / file
+            out.append(pd.read_csv(f) if f.is_file() and f.stat().st_size > 1 else pd.DataFrame(columns=columns))
+        return out[0], out[1]
 
     def eval_models(self, name: str):
         """Yield (row label, model for lm-eval (folder path or LM), what perplexity scores: (model, tokenizer), an
@@ -533,38 +563,44 @@ class _Runner:
             lm = load_model(self.spec(name), world=self.world)
             yield name, lm.path, (lm.model, lm.tokenizer)
 
-    def run_suites(self, label: str, model) -> pd.DataFrame:
+    def run_suites(self, label: str, model) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(score rows, per-item scores) of `model` on the configured suites."""
         from harness.evaluation import EvalSettings, evaluate
 
         suites = self.cfg.evaluation.suites
         if not suites:
-            return pd.DataFrame()
+            return pd.DataFrame(), pd.DataFrame()
         s = self.cfg.evaluation.settings
         settings = EvalSettings(batch_size=s.batch_size, dtype=s.dtype, num_fewshot=s.num_fewshot, seed=s.seed,
                                 limit=s.limit, max_gen_toks=s.max_gen_toks, bbh_variant=s.bbh_variant)
         include = [self.world.tasks_dir] if self.world is not None else []
         data_dir = Path(self.cfg.evaluation.data_dir).expanduser() if self.cfg.evaluation.data_dir else None
-        df = evaluate(model, list(suites), settings, data_dir=data_dir, include_paths=include, model_name=label,
-                      progress=self.progress)
+        df, items = evaluate(model, list(suites), settings, data_dir=data_dir, include_paths=include,
+                             model_name=label, progress=self.progress, return_items=True)
         df["model"] = label
-        return df
+        items["model"] = label
+        return df, items
 
-    def run_perplexity(self, label: str, model_tok, rows_by_domain: dict[str, list[str]]) -> pd.DataFrame:
+    def run_perplexity(self, label: str, model_tok, rows_by_domain: dict[str, list[str]]):
+        """(score rows: bits per byte and token perplexity per domain, per-document nll rows) of one model."""
         from harness.evaluation.perplexity import lm_perplexity_by_domain, perplexity_by_domain
 
         p = self.cfg.evaluation.perplexity
         if hasattr(model_tok, "windowed_nll"):
-            df = lm_perplexity_by_domain(model_tok, rows_by_domain, window=p.window, stride=p.stride)
+            df, docs = lm_perplexity_by_domain(model_tok, rows_by_domain, window=p.window, stride=p.stride,
+                                               per_document=True)
         else:
             model, tok = model_tok
-            df = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
-                                      batch_size=max(1, self.cfg.evaluation.settings.batch_size))
+            df, docs = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
+                                            batch_size=max(1, self.cfg.evaluation.settings.batch_size),
+                                            per_document=True)
+        docs.insert(0, "model", label)
         rows = []
         for _, r in df.iterrows():
             for metric in ("bits_per_byte", "token_perplexity"):
                 rows.append({"model": label, "suite": "perplexity", "task": r["domain"], "metric": metric,
                              "value": float(r[metric]), "stderr": float("nan"), "n": int(r["n_tokens"])})
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows), docs
 
 
 def _import_registered_methods() -> None:
@@ -731,6 +767,10 @@ def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentRe
     models = list(dict.fromkeys(long["model"])) if len(long) else []
     results = summarize(long, models)
     results.insert(1, "method", [method_of(m, cfg) for m in results["model"]])
+    units = [r.eval_units(name) for name in evaluated_models(cfg)]
+    intervals, comparisons = uncertainty_tables(long, pd.concat([u[0] for u in units], ignore_index=True),
+                                                pd.concat([u[1] for u in units], ignore_index=True), results,
+                                                seed=cfg.evaluation.settings.seed)
     losses = {}
     for name in ("fusellm", "clm"):
         p = plan.path(f"train/{name}") / "train_result.json" if f"train/{name}" in plan.stages else None
@@ -749,12 +789,34 @@ def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentRe
     timings["total"] = time.perf_counter() - t_all
     results.to_csv(run_dir / "results.csv", index=False)
     long.to_csv(run_dir / "eval_long.csv", index=False)
+    intervals.to_csv(run_dir / "intervals.csv", index=False)
+    comparisons.to_csv(run_dir / "comparisons.csv", index=False)
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     stage_times = pd.DataFrame(r.stage_log, columns=["stage", "seconds", "cached"])
     stage_times.to_csv(run_dir / "stage_times.csv", index=False)
     if progress:
         print(f"\nstages run {r.ran}, cached {r.hits}, total {timings['total']:.1f} s; results in {run_dir}")
-    return ExperimentResult(cfg, results, long, metrics, losses, timings, run_dir, r.hits, r.ran, stage_times)
+    return ExperimentResult(cfg, results, long, metrics, losses, timings, run_dir, r.hits, r.ran, stage_times,
+                            intervals=intervals, comparisons=comparisons)
+
+
+def uncertainty_tables(long: pd.DataFrame, items: pd.DataFrame, docs: pd.DataFrame, results: pd.DataFrame, *,
+                       seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(intervals, comparisons) of a results table: every score's bootstrap interval (`harness.stats.
+    score_intervals`) and every model's paired tests against the target and against CLM-only
+    (`harness.stats.paired_comparisons`), seeded with the evaluation seed."""
+    from harness.stats import paired_comparisons, score_intervals
+
+    models = list(results["model"]) if len(results) else []
+    refs = {}
+    for label in ("target", "CLM-only"):
+        hit = results.loc[results["method"] == label, "model"] if len(results) else []
+        if len(hit):
+            refs[label] = str(hit.iloc[0])
+    if not len(long):
+        return score_intervals(long, items, docs, []), paired_comparisons(long, items, docs, [], {})
+    return (score_intervals(long, items, docs, models, seed=seed),
+            paired_comparisons(long, items, docs, models, refs, seed=seed))
 
 
 def _built_seconds(stage_dir: Path) -> float:
@@ -785,5 +847,9 @@ def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> N
         tracker.log_curve(f"loss/{name}", pts)
     tracker.log_table(result.results, "results.csv")
     tracker.log_table(result.eval_long, "eval_long.csv")
+    for name in ("intervals", "comparisons"):
+        table = getattr(result, name, None)
+        if table is not None and len(table):
+            tracker.log_table(table, f"{name}.csv")
     if len(result.stage_times):
         tracker.log_table(result.stage_times, "stage_times.csv")

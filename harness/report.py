@@ -36,6 +36,8 @@ class ExperimentData:
     eval_long: pd.DataFrame = field(default_factory=pd.DataFrame)  # model, suite, task, metric, value, stderr
     losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # method -> [(step, loss)]
     stage_times: pd.DataFrame = field(default_factory=pd.DataFrame)  # stage, seconds (build time), cached
+    intervals: pd.DataFrame = field(default_factory=pd.DataFrame)  # harness.stats.INTERVAL_COLUMNS
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)  # harness.stats.COMPARISON_COLUMNS
 
 
 def _as_data(obj: Any) -> ExperimentData:
@@ -43,7 +45,8 @@ def _as_data(obj: Any) -> ExperimentData:
         return obj
     if hasattr(obj, "results") and hasattr(obj, "config"):  # harness.pipeline.ExperimentResult
         return ExperimentData(obj.config.name, obj.results, obj.eval_long, dict(obj.losses),
-                              getattr(obj, "stage_times", pd.DataFrame()))
+                              getattr(obj, "stage_times", pd.DataFrame()),
+                              getattr(obj, "intervals", pd.DataFrame()), getattr(obj, "comparisons", pd.DataFrame()))
     if isinstance(obj, pd.DataFrame):
         if "run_id" in obj.columns:
             return ExperimentData("runs", results_from_runs(obj))
@@ -126,6 +129,68 @@ def suite_stderr(eval_long: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(out, orient="index")
 
 
+MARK_VS_TARGET = "*"   # differs from the target: paired test p < 0.05
+MARK_VS_CLM = "†"      # differs from CLM-only: paired test p < 0.05
+SIGNIFICANCE = 0.05
+
+
+def _num(x: float, digits: int = 4) -> str:
+    return "" if x is None or pd.isna(x) else f"{x:.{digits}g}"
+
+
+def uncertainty_table(result_or_data: Any) -> pd.DataFrame:
+    """The results table as text cells: index = model, columns `method`, then per score column
+    `<col> (n=<units>)` with `value [lo, hi]` (95% bootstrap interval over items / documents) followed by
+    `MARK_VS_TARGET` / `MARK_VS_CLM` when the paired test against the target / CLM-only gives p < 0.05, and
+    per suite `<suite> lm-eval se` (lm-eval's stderr of the suite average). Values without an interval (no
+    per-unit scores) are shown alone; missing values are empty."""
+    data = _as_data(result_or_data)
+    res = _order_rows(data.results.copy())
+    iv = data.intervals.set_index(["model", "score"]) if len(data.intervals) else None
+    cmp = data.comparisons
+    scores = [c for c in res.columns if c not in ("model", "method") and pd.api.types.is_numeric_dtype(res[c])]
+    out = pd.DataFrame({"method": res["method"].values}, index=pd.Index(res["model"].values, name="model"))
+    for col in scores:
+        cells, units, se = [], 0, []
+        for model, value in zip(res["model"], res[col]):
+            cell = _num(value)
+            row = iv.loc[(model, col)] if iv is not None and (model, col) in iv.index else None
+            if cell and row is not None and not pd.isna(row["lo"]):
+                cell += f" [{_num(row['lo'], 3)}, {_num(row['hi'], 3)}]"
+                units = max(units, int(row["n"]))
+            if cell and len(cmp):
+                mine = cmp[(cmp["model"] == model) & (cmp["score"] == col)]
+                for ref, mark in (("target", MARK_VS_TARGET), ("CLM-only", MARK_VS_CLM)):
+                    p = mine.loc[mine["reference"] == ref, "p_value"]
+                    if len(p) and p.iloc[0] < SIGNIFICANCE:
+                        cell += mark
+            cells.append(cell)
+            se.append(_num(row["lmeval_stderr"], 3) if row is not None and "lmeval_stderr" in row.index else "")
+        out[f"{col} (n={units})" if units else col] = cells
+        if any(se):
+            out[f"{col} lm-eval se"] = se
+    return out
+
+
+def comparison_table(result_or_data: Any) -> pd.DataFrame:
+    """Paired tests as text: index (model, vs), one column per score: `difference [lo, hi] p=<p><mark>`
+    (difference = model - reference; for bits per byte negative is better; marks: * p < 0.05, ** p < 0.01,
+    *** p < 0.001, two-sided, no correction for multiple tests)."""
+    data = _as_data(result_or_data)
+    cmp = data.comparisons
+    if not len(cmp):
+        return pd.DataFrame()
+    order = {m: i for i, m in enumerate(_order_rows(data.results.copy())["model"])}
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for r in cmp.itertuples():
+        mark = r.mark if isinstance(r.mark, str) else ""
+        rows.setdefault((r.model, f"{r.reference} ({r.reference_model})"), {})[r.score] = \
+            f"{r.difference:+.3g} [{r.lo:+.3g}, {r.hi:+.3g}] p={r.p_value:.2g}{mark}"
+    keys = sorted(rows, key=lambda k: (order.get(k[0], len(order)), not k[1].startswith("target")))
+    out = pd.DataFrame([rows[k] for k in keys], index=pd.MultiIndex.from_tuples(keys, names=["model", "vs"]))
+    return out.fillna("")
+
+
 def _gain(x: float, ref: float, lower_is_better: bool) -> float:
     if ref is None or pd.isna(ref) or pd.isna(x) or ref == 0:
         return float("nan")
@@ -189,31 +254,83 @@ def _is_metric(name: str) -> bool:
     return "/" in name or name == "objective"
 
 
-def ablation_table(study, metrics: Iterable[str] | None = None) -> pd.DataFrame:
-    """Mean and sample std (ddof=1; NaN for one seed) over seeds per setting.
+def _seed_stats(row: dict, metric: str, vals: pd.Series) -> None:
+    from harness.stats import seed_interval
 
-    Rows: settings in the order the study first ran them; columns: the searched params, `n_seeds`, and
-    `<metric> mean` / `<metric> std` for the objective metric first, then the other `metrics` (default:
-    every `fusellm/*` metric all runs share)."""
-    df = study_runs(study)
-    if not len(df):
-        raise ValueError(f"study {study.study_name!r} has no complete trial yet; nothing to tabulate")
+    vals = vals.astype(float)
+    iv = seed_interval(list(vals))
+    row[f"{metric} mean"] = float(vals.mean())
+    row[f"{metric} std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+    row[f"{metric} lo"], row[f"{metric} hi"] = iv.lo, iv.hi
+
+
+def _ablation_metrics(study, df: pd.DataFrame, params: list[str], metrics: Iterable[str] | None) -> list[str]:
     objective = (study.user_attrs.get(ATTR_OBJECTIVE) or {}).get("metric")
-    params = study.user_attrs.get(ATTR_SEARCH_SPACE) or [
-        c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
     shared = [c for c in df.columns if c not in ("trial", "seed", *params) and df[c].notna().all()]
     if metrics is None:
         metrics = [c for c in shared if c.startswith("fusellm/")]
-    metrics = list(dict.fromkeys([m for m in [objective, *metrics] if m and m in df.columns]))
+    return list(dict.fromkeys([m for m in [objective, *metrics] if m and m in df.columns]))
+
+
+def ablation_table(study, metrics: Iterable[str] | None = None) -> pd.DataFrame:
+    """Mean, sample std (ddof=1; NaN for one seed) and 95% Student-t interval (`harness.stats.seed_interval`;
+    NaN for one seed) over seeds per setting.
+
+    Rows: settings in the order the study first ran them; columns: the searched params, `n_seeds`, and
+    `<metric> mean` / `<metric> std` / `<metric> lo` / `<metric> hi` for the objective metric first, then the
+    other `metrics` (default: every `fusellm/*` metric all runs share)."""
+    df = study_runs(study)
+    if not len(df):
+        raise ValueError(f"study {study.study_name!r} has no complete trial yet; nothing to tabulate")
+    params = study.user_attrs.get(ATTR_SEARCH_SPACE) or [
+        c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
+    metrics = _ablation_metrics(study, df, params, metrics)
     rows = []
     for key, g in df.groupby(params, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = dict(zip(params, key))
         row["n_seeds"] = int(g["seed"].nunique())
         for m in metrics:
-            vals = g[m].astype(float)
-            row[f"{m} mean"] = float(vals.mean())
-            row[f"{m} std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+            _seed_stats(row, m, g[m])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+BASELINE_METHODS = (TARGET_METHOD, CLM_METHOD)
+
+
+def ablation_baselines(study, metrics: Iterable[str] | None = None) -> pd.DataFrame:
+    """The target and CLM-only over the same seeds as the ablation: for every `fusellm/<x>` metric of
+    `ablation_table` the same statistics of `<model>/<x>`, where <model> is the run's target / CLM-only model
+    (the `methods` each trial run recorded; the baselines do not depend on the fusion settings, so each seed
+    counts once). Rows: `method` ("target", "CLM-only"), `model`, `n_seeds`, `<fusellm metric> mean/std/lo/hi`.
+    Empty when the runs did not record their methods (studies run before they were kept)."""
+    from optuna.trial import TrialState
+
+    df = study_runs(study)
+    if not len(df):
+        return pd.DataFrame()
+    params = study.user_attrs.get(ATTR_SEARCH_SPACE) or [
+        c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
+    metrics = [m for m in _ablation_metrics(study, df, params, metrics) if m.startswith("fusellm/")]
+    per_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> (model, metrics)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for r in t.user_attrs.get(ATTR_RUNS) or []:
+            for model, method in (r.get("methods") or {}).items():
+                if method in BASELINE_METHODS:
+                    per_seed.setdefault(method, {}).setdefault(r["seed"], {"model": model, **r["metrics"]})
+    rows = []
+    for method in BASELINE_METHODS:
+        seeds = per_seed.get(method)
+        if not seeds:
+            continue
+        runs = pd.DataFrame(list(seeds.values()))
+        model = str(runs["model"].iloc[0])
+        row: dict[str, Any] = {"method": method, "model": model, "n_seeds": len(seeds)}
+        for m in metrics:
+            key = f"{model}/{m[len('fusellm/'):]}"
+            if key in runs.columns:
+                _seed_stats(row, m, runs[key])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -296,12 +413,29 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, params: list[str], metric: str
     return _save(fig, out)
 
 
-def plot_ablation_bars(ablation: pd.DataFrame, params: list[str], metric: str, out: Path) -> Path:
-    """One bar per setting: mean `metric` with std over seeds as error bars."""
+def plot_ablation_bars(ablation: pd.DataFrame, params: list[str], metric: str, out: Path,
+                       baselines: pd.DataFrame | None = None) -> Path:
+    """One bar per setting: mean `metric` over seeds with its 95% interval over seeds as error bars (none with
+    one seed); `baselines` (`ablation_baselines`): the target and CLM-only as horizontal lines with their
+    interval as a band, on the same axes."""
     plt = _plt()
     labels = [", ".join(str(r[p]) for p in params) for _, r in ablation.iterrows()]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
-    ax.bar(range(len(labels)), ablation[f"{metric} mean"], yerr=ablation[f"{metric} std"].fillna(0), capsize=4)
+    mean = ablation[f"{metric} mean"].astype(float)
+    if f"{metric} lo" in ablation.columns and ablation[f"{metric} lo"].notna().any():
+        err = [(mean - ablation[f"{metric} lo"]).fillna(0).clip(lower=0).values,
+               (ablation[f"{metric} hi"] - mean).fillna(0).clip(lower=0).values]
+    else:
+        err = ablation[f"{metric} std"].fillna(0).values
+    ax.bar(range(len(labels)), mean, yerr=err, capsize=4, color="C3", label="FuseLLM (setting)")
+    if baselines is not None and len(baselines) and f"{metric} mean" in baselines.columns:
+        for _, row in baselines.iterrows():
+            color = "C1" if row["method"] == TARGET_METHOD else "C2"
+            ax.axhline(row[f"{metric} mean"], color=color, linestyle="--",
+                       label=f"{row['method']} ({row['model']})")
+            if not pd.isna(row.get(f"{metric} lo")):
+                ax.axhspan(row[f"{metric} lo"], row[f"{metric} hi"], color=color, alpha=0.15)
+        ax.legend(fontsize=7)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_title(" x ".join(params), fontsize=9)
@@ -344,11 +478,15 @@ def _fmt(df: pd.DataFrame, digits: int = 4) -> str:
 
 
 def _fmt_ablation(ab: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+    """mean [lo, hi] over seeds per cell (the mean alone for one seed)."""
     out = ab[[*params, "n_seeds"]].copy()
     for c in ab.columns:
         if c.endswith(" mean"):
             m = c[: -len(" mean")]
-            out[m] = [f"{a:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") for a, s in zip(ab[c], ab[f"{m} std"])]
+            lo = ab[f"{m} lo"] if f"{m} lo" in ab.columns else pd.Series(float("nan"), index=ab.index)
+            hi = ab[f"{m} hi"] if f"{m} hi" in ab.columns else pd.Series(float("nan"), index=ab.index)
+            out[m] = [_num(a) + ("" if pd.isna(l) else f" [{_num(l, 3)}, {_num(h, 3)}]")
+                      for a, l, h in zip(ab[c], lo, hi)]
     return out
 
 
@@ -367,10 +505,27 @@ def write_report(out_dir: Path, result: Any = None, *, study=None, tracker=None,
         table.to_csv(out_dir / "results.csv")
         score_cols = [c for c in table.columns if "(%)" not in c]
         gain_cols = ["method", *[c for c in table.columns if "(%)" in c]]
-        md += ["## Results\n", "Suite averages are accuracies (0-1); bpb = bits per byte on held-out text "
-               "(lower is better).\n", _fmt(table[score_cols])]
+        md += ["## Results\n", "Suite averages are fractions (0-1): each task's primary metric averaged over the "
+               "suite's tasks; bpb = bits per byte on held-out text (lower is better).\n"]
+        if len(data.intervals):
+            shown = uncertainty_table(data)
+            shown.to_csv(out_dir / "results_ci.csv")
+            md += [f"Each score with its 95% bootstrap interval [lo, hi] (seeded; over items for suites, over held-out "
+                   f"documents for bpb; n = items or documents). {MARK_VS_TARGET}: differs from the target, "
+                   f"{MARK_VS_CLM}: differs from CLM-only (paired sign-flip test on the same items / documents, "
+                   f"p < {SIGNIFICANCE}). `lm-eval se`: lm-eval's own standard error of the suite average.\n",
+                   shown.to_markdown() + "\n"]
+        else:
+            md.append(_fmt(table[score_cols]))
         if len(gain_cols) > 1:
             md += ["## Relative gain (%)\n", "Positive = better (for bpb: the reduction).\n", _fmt(table[gain_cols], 3)]
+        if len(data.comparisons):
+            data.comparisons.to_csv(out_dir / "comparisons.csv", index=False)
+            data.intervals.to_csv(out_dir / "intervals.csv", index=False)
+            md += ["## Paired tests\n", "Each model minus the reference on the same items / documents: difference "
+                   "[95% paired-bootstrap interval], two-sided sign-flip p-value (exact when at most 16 units "
+                   "differ), * p < 0.05, ** p < 0.01, *** p < 0.001, no correction for multiple tests. For bpb a "
+                   "negative difference is an improvement.\n", comparison_table(data).to_markdown() + "\n"]
         if per_task and len(data.eval_long):
             tasks = per_task_scores(data.eval_long)
             if len(tasks):
@@ -423,11 +578,24 @@ def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
         ab = ablation_table(study)
         ab.to_csv(out_dir / "ablation.csv", index=False)
         params = [c for c in (study.user_attrs.get(ATTR_SEARCH_SPACE) or []) if c in ab.columns] or \
-                 [c for c in ab.columns if c != "n_seeds" and not c.endswith((" mean", " std"))]
-        md += ["## Ablation (mean ± std over seeds)\n", _fmt(_fmt_ablation(ab, params).set_index(params[0]))]
+                 [c for c in ab.columns if c != "n_seeds" and not c.endswith((" mean", " std", " lo", " hi"))]
+        shown = _fmt_ablation(ab, params)
+        base = ablation_baselines(study)
+        if len(base):
+            base.to_csv(out_dir / "ablation_baselines.csv", index=False)
+            # the baselines as rows of the same table: their model in the first param column, the fusellm/*
+            # metric columns holding the baseline model's same metric
+            extra = _fmt_ablation(base.assign(**{params[0]: [f"{m} ({n})" for m, n in zip(base["method"],
+                                                                                      base["model"])]},
+                                              **{p: "" for p in params[1:]}), params)
+            shown = pd.concat([shown, extra[[c for c in shown.columns if c in extra.columns]]], ignore_index=True)
+        md += ["## Ablation (mean [95% interval] over seeds)\n",
+               "Student-t interval over the seeds of each setting (none with one seed); the target and CLM-only "
+               "rows hold the baseline model's value of the same metric (the `fusellm/` columns), over the same "
+               "seeds.\n", _fmt(shown.fillna("").set_index(params[0]))]
         if f"{objective} mean" in ab.columns:
             plot_ablation_heatmap(ab, params, objective, out_dir / "ablation_heatmap.png")
-            plot_ablation_bars(ab, params, objective, out_dir / "ablation_bars.png")
+            plot_ablation_bars(ab, params, objective, out_dir / "ablation_bars.png", baselines=base)
             md.append("![ablation heatmap](ablation_heatmap.png)\n\n![ablation bars](ablation_bars.png)\n")
         imp = param_importances(study)
         if imp:
@@ -480,6 +648,15 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
             stage_times = pd.read_csv(client.download_artifacts(run_id, "stage_times.csv", tmp))
     except Exception:  # runs logged before stage times were kept
         pass
+    uncertainty = {}
+    for name in ("intervals", "comparisons"):
+        try:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                uncertainty[name] = pd.read_csv(client.download_artifacts(run_id, f"{name}.csv", tmp))
+        except Exception:  # runs logged before intervals were computed: the report shows bare values
+            uncertainty[name] = pd.DataFrame()
     losses = {}
     for key in run.data.metrics:
         # `loss/<method>` (Tracker.log_result and the pipeline); `<method>/train_loss` from older runs
@@ -488,7 +665,8 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
         if method:
             hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
             losses[method] = [(m.step, m.value) for m in hist]
-    return ExperimentData(run.info.run_name or run_id, results, eval_long, losses, stage_times)
+    return ExperimentData(run.info.run_name or run_id, results, eval_long, losses, stage_times,
+                          uncertainty["intervals"], uncertainty["comparisons"])
 
 
 def _runs_frame(runs) -> pd.DataFrame:

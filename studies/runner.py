@@ -222,7 +222,12 @@ class Objective:
             if metric not in metrics:
                 raise KeyError(f"{self.spec.source_name}: objective.metric {metric!r} is not among the experiment's "
                                f"metrics ({', '.join(sorted(metrics)[:20])}...); pick one of these")
-            runs.append({"seed": int(seed), "metrics": metrics})
+            run_record = {"seed": int(seed), "metrics": metrics}
+            results = getattr(out, "results", None)
+            if results is not None and {"model", "method"} <= set(results.columns):
+                # which model is the target / CLM-only: the ablation report's baselines (harness.report)
+                run_record["methods"] = dict(zip(map(str, results["model"]), map(str, results["method"])))
+            runs.append(run_record)
             trial.set_user_attr(ATTR_RUNS, runs)
             if len(seeds) > 1:
                 so_far = _mean([r["metrics"][metric] for r in runs])

@@ -71,14 +71,25 @@ def _window_nll(model, batch: list[list[int]], first_targets: list[int], pad_id:
     return sums
 
 
+DOC_COLUMNS = ["domain", "doc", "n_tokens", "n_bytes", "nll_nats"]
+
+
+def _domain_rows(domain: str, nll: float, n_tokens: int, n_bytes: int) -> dict:
+    return {"domain": domain, "n_tokens": n_tokens, "n_bytes": n_bytes, "nll_nats": nll,
+            "token_perplexity": math.exp(nll / n_tokens) if n_tokens else math.nan,
+            "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else math.nan}
+
+
 def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]], *, window: int = 256,
-                         stride: int = 128, batch_size: int = 8) -> pd.DataFrame:
+                         stride: int = 128, batch_size: int = 8, per_document: bool = False):
     """Score held-out texts per domain with an HF causal LM.
 
     Returns one row per domain: domain, n_tokens (scored tokens), n_bytes (utf-8 bytes of the texts),
     nll_nats (total negative log-likelihood, nats), token_perplexity = exp(nll_nats / n_tokens),
     bits_per_byte = nll_nats / (ln 2 * n_bytes) (the figure comparable across tokenizers).
     window/stride are in tokens; batch_size is windows per forward pass and does not change the result.
+    per_document=True returns (that frame, one row per text: domain, doc (its index in the domain's list),
+    n_tokens, n_bytes, nll_nats): the units bootstrap intervals and paired tests of bits per byte resample.
     """
     max_positions = _model_max_positions(model)
     if max_positions is not None and window > max_positions:
@@ -89,47 +100,53 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
     device = next(model.parameters()).device
     context = _context_token(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (context or 0)
-    rows = []
+    rows, doc_rows = [], []
     for domain, texts in texts_by_domain.items():
-        jobs: list[tuple[list[int], int]] = []
+        jobs: list[tuple[list[int], int, int]] = []  # (window ids, first scored offset, document)
         n_tokens = n_bytes = 0
-        for text in texts:
+        for doc, text in enumerate(texts):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             sequence = ([context] if context is not None else []) + list(ids)
             n_bytes += len(text.encode("utf-8"))
             n_tokens += len(sequence) - 1
+            doc_rows.append({"domain": domain, "doc": doc, "n_tokens": len(sequence) - 1,
+                             "n_bytes": len(text.encode("utf-8")), "nll_nats": 0.0})
             for begin, end, first in sliding_windows(len(sequence), window, stride):
-                jobs.append((sequence[begin:end], first - begin))
+                jobs.append((sequence[begin:end], first - begin, doc))
         sums: list[float] = []
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start: start + batch_size]
             sums.extend(_window_nll(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id, device))
-        nll = math.fsum(sums)
-        rows.append({"domain": domain, "n_tokens": n_tokens, "n_bytes": n_bytes, "nll_nats": nll,
-                     "token_perplexity": math.exp(nll / n_tokens) if n_tokens else math.nan,
-                     "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else math.nan})
-    return pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
-                                       "bits_per_byte"])
+        per_doc: dict[int, list[float]] = {}
+        for (_, _, doc), value in zip(jobs, sums):
+            per_doc.setdefault(doc, []).append(value)
+        for row in doc_rows[len(doc_rows) - len(texts):]:
+            row["nll_nats"] = math.fsum(per_doc.get(row["doc"], []))
+        rows.append(_domain_rows(domain, math.fsum(sums), n_tokens, n_bytes))
+    out = pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
+                                      "bits_per_byte"])
+    return (out, pd.DataFrame(doc_rows, columns=DOC_COLUMNS)) if per_document else out
 
 
 def lm_perplexity_by_domain(lm, texts_by_domain: dict[str, list[str]], *, window: int = 256,
-                            stride: int = 128) -> pd.DataFrame:
+                            stride: int = 128, per_document: bool = False):
     """perplexity_by_domain for a model that scores text itself on a pivot tokenization (the output ensemble:
     baselines.ensemble.EnsembleLM.windowed_nll), with the same windows, the same first-token convention and
-    the same columns; token_perplexity is per pivot token."""
-    rows = []
+    the same columns (and the same per-document frame with per_document=True); token_perplexity is per pivot
+    token."""
+    rows, doc_rows = [], []
     for domain, texts in texts_by_domain.items():
         sums, n_tokens, n_bytes = [], 0, 0
-        for text in texts:
+        for doc, text in enumerate(texts):
             # positions: the pivot's context token + its tokens of the text
             n_text = len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"])
             nll, n = lm.windowed_nll(text, sliding_windows(n_text + 1, window, stride))
             sums.append(nll)
             n_tokens += n
             n_bytes += len(text.encode("utf-8"))
-        nll = math.fsum(sums)
-        rows.append({"domain": domain, "n_tokens": n_tokens, "n_bytes": n_bytes, "nll_nats": nll,
-                     "token_perplexity": math.exp(nll / n_tokens) if n_tokens else math.nan,
-                     "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else math.nan})
-    return pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
-                                       "bits_per_byte"])
+            doc_rows.append({"domain": domain, "doc": doc, "n_tokens": n, "n_bytes": len(text.encode("utf-8")),
+                             "nll_nats": float(nll)})
+        rows.append(_domain_rows(domain, math.fsum(sums), n_tokens, n_bytes))
+    out = pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
+                                      "bits_per_byte"])
+    return (out, pd.DataFrame(doc_rows, columns=DOC_COLUMNS)) if per_document else out

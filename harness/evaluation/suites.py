@@ -38,12 +38,13 @@ BUILTIN_TASK_NAMES = {
 class EvalSettings:
     """Evaluation settings pinned per study (lm-eval scores change with batch size and few-shot count)."""
 
-    batch_size: int = 1
+    batch_size: int | str = 1            # or "auto" / "auto:N" (lm-eval probes the largest batch)
     dtype: str = "float32"
     num_fewshot: int | None = None      # None = suite default (bbh 3, commonsense 0, multipl_e always 0)
     seed: int = 1234
     limit: int | None = None            # examples per task
-    device: str = "cpu"
+    device: str | None = None           # None: harness.runtime's auto (the GPU when visible, else CPU)
+    attn_implementation: str | None = None  # None: transformers' default (sdpa where supported)
     bbh_variant: str = "direct"         # or "cot": chain-of-thought prompts from the data's cot-prompts/
     multipl_e_languages: tuple[str, ...] = field(default_factory=available_languages)
     max_gen_toks: int = 256             # tokens generated per example (bbh, multipl_e)
@@ -83,6 +84,13 @@ def _as_lm(model, settings: EvalSettings):
 
     if isinstance(model, LM):
         return model
+    if isinstance(model, tuple) and len(model) == 2:
+        # (model, tokenizer) already loaded and placed by the caller: lm-eval scores it where it is, so a stage
+        # loads each model once (settings.device/dtype describe where the caller put it).
+        from lm_eval.models.huggingface import HFLM
+
+        hf_model, tokenizer = model
+        return HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=settings.batch_size)
     if isinstance(model, (str, Path)):
         from lm_eval.models.huggingface import HFLM
 
@@ -90,9 +98,13 @@ def _as_lm(model, settings: EvalSettings):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"evaluate(model={str(model)!r}): not an HF model folder (no config.json); pass "
                                     "a saved model folder or an lm_eval.api.model.LM instance")
-        return HFLM(pretrained=str(path), dtype=settings.dtype, device=settings.device,
-                    batch_size=settings.batch_size)
-    raise TypeError(f"evaluate(model=...) takes an HF folder path or an lm_eval LM instance, not {type(model).__name__}")
+        from harness.runtime import resolve_device
+
+        extra = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
+        return HFLM(pretrained=str(path), dtype=settings.dtype, device=resolve_device(settings.device or "auto"),
+                    batch_size=settings.batch_size, **extra)
+    raise TypeError(f"evaluate(model=...) takes an HF folder path, a (model, tokenizer) pair or an lm_eval LM "
+                    f"instance, not {type(model).__name__}")
 
 
 def _number(value) -> float:
@@ -230,6 +242,25 @@ def primary_scores(eval_long: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(picked)[cols].reset_index(drop=True)
 
 
+ITEM_COLUMNS = ["model", "suite", "task", "metric", "doc_id", "value"]
+
+
+def sample_scores(results: dict, suite: str, model_name: str) -> pd.DataFrame:
+    """lm-eval's logged samples (`results["samples"]`, from log_samples=True) -> one row per (task, metric,
+    document): model, suite, task, metric (named as in `results_to_frame`), doc_id, value (the item's score;
+    NaN when lm-eval's per-item value is not a number). For mean-aggregated metrics the task's value is the
+    mean of its items' values: what bootstrap intervals and paired tests resample (harness.stats)."""
+    rows = []
+    for task, samples in (results.get("samples") or {}).items():
+        for sample in samples:
+            filter_name = sample.get("filter", "none")
+            for metric in sample.get("metrics", []):
+                rows.append({"model": model_name, "suite": suite, "task": task,
+                             "metric": metric_name(metric, filter_name), "doc_id": int(sample["doc_id"]),
+                             "value": _number(sample.get(metric))})
+    return pd.DataFrame(rows, columns=ITEM_COLUMNS)
+
+
 def _write_samples(samples: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for task, items in samples.items():
@@ -294,10 +325,12 @@ def _restore_methods(lm, names: list[str]) -> None:
 def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
              include_paths: list[Path] = (), model_name: str | None = None,
              log_samples_dir: Path | None = None, task_dir: Path | None = None,
-             progress: bool = True) -> pd.DataFrame:
-    """Score `model` on `suites` with lm-eval; returns tidy rows (model, suite, task, metric, value, stderr, n, note).
+             progress: bool = True, return_items: bool = False):
+    """Score `model` on `suites` with lm-eval; returns tidy rows (model, suite, task, metric, value, stderr, n, note,
+    primary, level), and with `return_items=True` the pair (rows, per-item scores: `sample_scores`).
 
-    model: an HF model folder (str/Path) or an `lm_eval.api.model.LM` instance (e.g. the output ensemble).
+    model: an HF model folder (str/Path; loaded on settings.device in settings.dtype), a loaded (model, tokenizer)
+    pair (scored where it is), or an `lm_eval.api.model.LM` instance (e.g. the output ensemble).
     suites: "bbh", "commonsense", "multipl_e", or lm-eval task/group names found in `include_paths` (e.g. "micro").
     Values are fractions in [0, 1] (acc, acc_norm, exact_match, pass@1); `n` is examples scored; group rows (task =
     group name) are macro averages. A MultiPL-E language without a toolchain gets value NaN and a "not run" note.
@@ -320,7 +353,7 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                 sources[suite] = resolve_suite_data(suite, data_dir, runnable)
     lm = _as_lm(model, settings)
     model_name = model_name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
-    frames = []
+    frames, item_frames = [], []
     with contextlib.ExitStack() as stack:
         if not progress:
             stack.callback(_restore_methods, lm, _without_progress_bars(lm))
@@ -362,13 +395,17 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                 results = simple_evaluate(
                     model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=settings.batch_size,
                     device=settings.device, limit=settings.limit, task_manager=manager,
-                    log_samples=log_samples_dir is not None, random_seed=settings.seed,
+                    log_samples=log_samples_dir is not None or return_items, random_seed=settings.seed,
                     numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
                     fewshot_random_seed=settings.seed, confirm_run_unsafe_code=unsafe, verbosity="WARNING")
             if log_samples_dir is not None and results.get("samples"):
                 _write_samples(results["samples"], Path(log_samples_dir) / suite)
             frames.append(results_to_frame(results, suite, model_name))
+            if return_items:
+                item_frames.append(sample_scores(results, suite, model_name))
     frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame(columns=COLUMNS)
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    if not return_items:
+        return out
+    item_frames = [f for f in item_frames if not f.empty]
+    return out, pd.concat(item_frames, ignore_index=True) if item_frames else pd.DataFrame(columns=ITEM_COLUMNS)

@@ -223,6 +223,27 @@ def test_primary_metric_of_generation_filtered_and_cot_tasks_in_a_real_run(tiny_
     assert summarize(frame, ["m"]).loc[0, "tinysuite"] == pytest.approx(expected, rel=1e-12)
 
 
+def test_per_item_scores_average_to_the_task_scores(tiny_llama_dir, sp_tokenizer, mc_task_dir):
+    """return_items: one row per (task, metric, document); acc of an item is 1 when the gold choice has the
+    highest loglikelihood (computed by hand); the mean over items is lm-eval's task value."""
+    settings = EvalSettings(multipl_e_languages=())
+    frame, items = evaluate(tiny_llama_dir, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="m",
+                            return_items=True)
+    assert frame.equals(evaluate(tiny_llama_dir, ["tinymc"], settings, include_paths=[mc_task_dir], model_name="m"))
+    acc = items[items.metric == "acc"].sort_values("doc_id")
+    assert list(acc.doc_id) == list(range(len(MC_DOCS)))
+    model = tiny.tiny_model("llama", sp_tokenizer, seed=0)
+    by_hand = []
+    for doc in MC_DOCS:
+        context = f"Question: {doc['question']}\nAnswer:"
+        lls = [_loglikelihood(model, sp_tokenizer, context, " " + c) for c in doc["choices"]]
+        by_hand.append(float(int(np.argmax(lls)) == doc["gold"]))
+    assert list(acc.value) == by_hand
+    for metric in ("acc", "acc_norm"):
+        task_value = frame.loc[frame.metric == metric, "value"].iloc[0]
+        assert items.loc[items.metric == metric, "value"].mean() == pytest.approx(task_value, rel=1e-12)
+
+
 def test_an_lm_instance_scores_like_the_model_folder(tiny_llama_dir, sp_tokenizer, mc_task_dir):
     from lm_eval.models.huggingface import HFLM
 

@@ -77,6 +77,22 @@ def test_batch_size_does_not_change_the_result(llama, sp_tokenizer):
             assert b == pytest.approx(a, rel=1e-6)
 
 
+def test_per_document_rows_are_each_text_scored_alone(llama, sp_tokenizer):
+    """Each document's nll is what scoring that text alone gives; they add up to the domain's totals."""
+    domains, docs = perplexity_by_domain(llama, sp_tokenizer, TEXTS, window=16, stride=8, batch_size=4,
+                                         per_document=True)
+    assert list(zip(docs.domain, docs.doc)) == [("prose", 0), ("prose", 1), ("prose", 2), ("code", 0), ("code", 1)]
+    for row in docs.itertuples():
+        alone = perplexity_by_domain(llama, sp_tokenizer, {"x": [TEXTS[row.domain][row.doc]]}, window=16,
+                                     stride=8).iloc[0]
+        assert (row.n_tokens, row.n_bytes) == (alone.n_tokens, alone.n_bytes)
+        assert row.nll_nats == pytest.approx(alone.nll_nats, rel=1e-9)
+    for d in domains.itertuples():
+        mine = docs[docs.domain == d.domain]
+        assert mine.n_tokens.sum() == d.n_tokens and mine.n_bytes.sum() == d.n_bytes
+        assert math.fsum(mine.nll_nats) == pytest.approx(d.nll_nats, rel=1e-12)
+
+
 def test_gpt2_style_tokenizer_uses_eos_as_context(bpe_tokenizer):
     model = tiny.tiny_model("gpt2", bpe_tokenizer, seed=1)
     text = "hello world, hello merging"

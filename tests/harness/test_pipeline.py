@@ -56,6 +56,30 @@ def test_every_method_gets_a_row(first_run):
     assert len(res.losses["fusellm"]) >= 1 and len(res.losses["clm"]) >= 1
 
 
+def test_every_score_has_an_interval_and_paired_tests(first_run):
+    """The micro run keeps per-item and per-document scores: each results column gets a bootstrap interval
+    around exactly its value, with n = items (6 tasks x limit 6) or documents (3 per domain); every model is
+    tested against the target and CLM-only on the same units."""
+    wd, res = first_run
+    iv = res.intervals.set_index(["model", "score"])
+    table = res.results.set_index("model")
+    for model, row in table.iterrows():
+        for col in ("micro", "bpb_docs", "bpb_code", "bpb_arithmetic", "bpb_avg"):
+            got = iv.loc[(model, col)]
+            assert got["estimate"] == pytest.approx(row[col], rel=1e-9), (model, col)
+            assert got["lo"] <= row[col] + 1e-12 and row[col] - 1e-12 <= got["hi"]
+            assert got["n"] == (36 if col == "micro" else 9 if col == "bpb_avg" else 3)
+    cmp = res.comparisons
+    fl = cmp[(cmp.model == "fusellm") & (cmp.score == "bpb_code")].set_index("reference")
+    assert set(fl.index) == {"target", "CLM-only"} and set(fl.reference_model) == {"llama-docs", "clm"}
+    for ref, ref_model in (("target", "llama-docs"), ("CLM-only", "clm")):
+        assert fl.loc[ref, "difference"] == pytest.approx(table.loc["fusellm", "bpb_code"]
+                                                          - table.loc[ref_model, "bpb_code"], rel=1e-9)
+        assert 0 < fl.loc[ref, "p_value"] <= 1 and fl.loc[ref, "exact"]  # 3 documents: enumerated
+    assert not len(cmp[(cmp.model == "llama-docs") & (cmp.reference == "target")])
+    assert (res.run_dir / "intervals.csv").is_file() and (res.run_dir / "comparisons.csv").is_file()
+
+
 def test_rerun_is_fully_cached(first_run):
     wd, res = first_run
     again = run_experiment(small_config(wd), progress=False)

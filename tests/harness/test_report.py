@@ -122,6 +122,42 @@ def test_suite_average_counts_generation_filtered_and_cot_tasks(stored):
     assert se.loc["fusellm", "micro"] == pytest.approx(0.125 / math.sqrt(6), rel=1e-12)
 
 
+# Intervals and paired tests as the pipeline computes them (harness.stats), values chosen by hand.
+INTERVALS = pd.DataFrame([
+    # model, score, estimate, lo, hi, n, n_strata, lmeval_stderr
+    ("fusellm", "micro", 0.75, 0.625, 0.875, 80, 2, 0.025),
+    ("fusellm", "bpb_avg", 1.5, 1.25, 1.75, 6, 2, float("nan")),
+    ("llama-docs", "micro", 0.5, 0.375, 0.625, 80, 2, 0.05),
+    ("clm", "micro", 0.625, 0.5, 0.75, 80, 2, 0.04),
+], columns=["model", "score", "estimate", "lo", "hi", "n", "n_strata", "lmeval_stderr"])
+COMPARISONS = pd.DataFrame([
+    # model, reference, reference_model, score, difference, lo, hi, p_value, exact, mark, n
+    ("fusellm", "target", "llama-docs", "micro", 0.25, 0.125, 0.375, 0.004, False, "**", 80),
+    ("fusellm", "CLM-only", "clm", "micro", 0.125, -0.0625, 0.25, 0.25, False, "", 80),
+    ("fusellm", "CLM-only", "clm", "bpb_avg", -0.25, -0.5, -0.125, 0.03125, True, "*", 6),
+], columns=["model", "reference", "reference_model", "score", "difference", "lo", "hi", "p_value", "exact", "mark",
+            "n"])
+
+
+def test_uncertainty_and_comparison_tables():
+    from harness.report import ExperimentData, comparison_table, uncertainty_table
+
+    data = ExperimentData("x", RESULTS, EVAL_LONG, intervals=INTERVALS, comparisons=COMPARISONS)
+    t = uncertainty_table(data)
+    assert list(t.columns) == ["method", "micro (n=80)", "micro lm-eval se", "bpb_code", "bpb_docs",
+                               "bpb_avg (n=6)"]
+    assert t.loc["fusellm", "micro (n=80)"] == "0.75 [0.625, 0.875]*"  # vs target p = 0.004; vs CLM-only 0.25
+    assert t.loc["fusellm", "bpb_avg (n=6)"] == "1.5 [1.25, 1.75]†"  # vs CLM-only p = 0.031
+    assert t.loc["fusellm", "micro lm-eval se"] == "0.025"
+    assert t.loc["neox-code", "micro (n=80)"] == "0.25"  # no interval: the value alone
+    assert t.loc["ensemble", "bpb_avg (n=6)"] == ""  # missing stays missing
+    c = comparison_table(data)
+    assert list(c.index) == [("fusellm", "target (llama-docs)"), ("fusellm", "CLM-only (clm)")]
+    assert c.loc[("fusellm", "target (llama-docs)"), "micro"] == "+0.25 [+0.125, +0.375] p=0.004**"
+    assert c.loc[("fusellm", "CLM-only (clm)"), "bpb_avg"] == "-0.25 [-0.5, -0.125] p=0.031*"
+    assert c.loc[("fusellm", "target (llama-docs)"), "bpb_avg"] == ""
+
+
 def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
     cfg = validate_config({"name": "report-test", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
                            "sources": [{"ref": "micro:llama-docs"}, {"ref": "micro:neox-code"}]})
@@ -131,7 +167,8 @@ def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
                             {"fusellm": [(5, 4.0), (10, 3.5)], "clm": [(5, 4.25), (10, 3.75)]},
                             {"fused": 1.5, "train/fusellm": 2.0}, tmp,
                             stage_times=pd.DataFrame({"stage": ["corpus", "fused", "train/fusellm"],
-                                                      "seconds": [0.5, 1.5, 2.0], "cached": [True, False, False]}))
+                                                      "seconds": [0.5, 1.5, 2.0], "cached": [True, False, False]}),
+                            intervals=INTERVALS.copy(), comparisons=COMPARISONS.copy())
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +204,10 @@ def test_report_main_on_run_id_and_experiment_name(logged_run, tmp_path):
     wd, tracker, run_id, _ = logged_run
     md = report_main(run_id, wd, tmp_path / "by-id")
     text = md.read_text()
-    assert re.search(r"\| fusellm +\| FuseLLM +\| +0\.75 +\| +2 +\| +1 +\| +1\.5 +\|", text)
+    # the results with intervals and marks, read back from the run's artifacts
+    assert re.search(r"\| fusellm +\| FuseLLM +\| 0\.75 \[0\.625, 0\.875\]\* +\| +0\.025 +\| +2 +\| +1 +\| "
+                     r"1\.5 \[1\.25, 1\.75\]† +\|", text)
+    assert "## Paired tests" in text and "+0.25 [+0.125, +0.375] p=0.004**" in text
     assert "## Relative gain (%)" in text
     assert re.search(r"\| fusellm +\| FuseLLM +\| +50 +\| +25 +\| +20 +\| +14\.3 +\|", text)
     # per task: one row per task, one column per model
@@ -178,7 +218,8 @@ def test_report_main_on_run_id_and_experiment_name(logged_run, tmp_path):
     assert "Sum 4.0 s; built in this run 3.5 s." in text
     assert re.search(r"\| corpus +\| +0\.5 +\| cached +\|", text)
     assert re.search(r"\| train/fusellm +\| +2\.0 +\| built +\|", text)
-    for f in ("results.csv", "per_task.csv", "methods.png", "losses.png", "stage_times.csv"):
+    for f in ("results.csv", "per_task.csv", "methods.png", "losses.png", "stage_times.csv", "results_ci.csv",
+              "comparisons.csv", "intervals.csv"):
         assert (tmp_path / "by-id" / f).stat().st_size > 0
     saved = pd.read_csv(tmp_path / "by-id" / "results.csv", index_col="model")
     assert saved.loc["fusellm", "micro vs target (%)"] == pytest.approx(50.0)
@@ -201,26 +242,55 @@ def _grid_study() -> optuna.Study:
             value = base + 0.125 * seed
             study.add_trial(optuna.create_trial(
                 params={"fusion.fusion": fusion, "seed": seed}, distributions=dists, value=value,
-                user_attrs={ATTR_RUNS: [{"seed": seed, "metrics": {"fusellm/micro": value,
-                                                                    "fusellm/bpb_avg": 2 - value}}]}))
+                user_attrs={ATTR_RUNS: [{"seed": seed, "metrics": {
+                    "fusellm/micro": value, "fusellm/bpb_avg": 2 - value,
+                    # the baselines: the same in every setting of a seed
+                    "llama-docs/micro": 0.25, "llama-docs/bpb_avg": 2.0,
+                    "clm/micro": 0.375 + 0.125 * seed, "clm/bpb_avg": 1.75},
+                    "methods": {"llama-docs": "target", "clm": "CLM-only", "fusellm": "FuseLLM"}}]}))
     return study
+
+
+# t quantile (0.975, 2 degrees of freedom) = 4.3027 (tables): 3 seeds with sample std 0.125 give
+# mean -+ 4.3027 * 0.125 / sqrt(3) = mean -+ 0.31052
+T_HALF = 4.3027 * 0.125 / math.sqrt(3)
 
 
 def test_ablation_table_mean_and_std_over_seeds():
     ab = ablation_table(_grid_study())
     assert list(ab.columns) == ["fusion.fusion", "n_seeds", "fusellm/micro mean", "fusellm/micro std",
-                                "fusellm/bpb_avg mean", "fusellm/bpb_avg std"]
+                                "fusellm/micro lo", "fusellm/micro hi", "fusellm/bpb_avg mean",
+                                "fusellm/bpb_avg std", "fusellm/bpb_avg lo", "fusellm/bpb_avg hi"]
+    assert ab["fusellm/micro lo"].tolist() == pytest.approx([0.625 - T_HALF, 0.375 - T_HALF], rel=1e-4)
+    assert ab["fusellm/micro hi"].tolist() == pytest.approx([0.625 + T_HALF, 0.375 + T_HALF], rel=1e-4)
     assert ab["fusion.fusion"].tolist() == ["mince", "avgce"] and ab["n_seeds"].tolist() == [3, 3]
     assert ab["fusellm/micro mean"].tolist() == [0.625, 0.375]  # 0.5 + 0.125, 0.25 + 0.125
     assert ab["fusellm/micro std"].tolist() == [0.125, 0.125]  # sample std of (x, x+0.125, x+0.25)
     assert ab["fusellm/bpb_avg mean"].tolist() == [1.375, 1.625]
 
 
+def test_ablation_baselines_over_the_same_seeds():
+    from harness.report import ablation_baselines
+
+    base = ablation_baselines(_grid_study()).set_index("method")
+    assert list(base.index) == ["target", "CLM-only"] and list(base.model) == ["llama-docs", "clm"]
+    assert list(base.n_seeds) == [3, 3]  # each seed once, although 2 settings ran it
+    assert base.loc["target", "fusellm/micro mean"] == 0.25 and base.loc["target", "fusellm/micro std"] == 0.0
+    assert base.loc["target", "fusellm/micro lo"] == base.loc["target", "fusellm/micro hi"] == 0.25
+    assert base.loc["CLM-only", "fusellm/micro mean"] == 0.5  # 0.375, 0.5, 0.625
+    assert base.loc["CLM-only", "fusellm/micro hi"] == pytest.approx(0.5 + T_HALF, rel=1e-4)
+    assert base.loc["CLM-only", "fusellm/bpb_avg mean"] == 1.75
+
+
 def test_study_report_files(tmp_path):
     md = write_report(tmp_path, study=_grid_study())
     text = md.read_text()
     assert "Objective: maximize `fusellm/micro`. Trials: complete 6." in text
-    assert re.search(r"\| mince +\| +3 \| 0\.625 ± 0\.12 +\| 1\.375 ± 0\.12 +\|", text)
+    # mean [lo, hi] over seeds: 0.625 -+ 0.31052, bpb 1.375 -+ 0.31052
+    assert re.search(r"\| mince +\| +3 \| 0\.625 \[0\.314, 0\.936\] +\| 1\.375 \[1\.06, 1\.69\] +\|", text)
+    assert re.search(r"\| target \(llama-docs\) +\| +3 \| 0\.25 \[0\.25, 0\.25\] +\| 2 \[2, 2\] +\|", text)
+    assert re.search(r"\| CLM-only \(clm\) +\| +3 \| 0\.5 \[0\.189, 0\.811\] +\|", text)
+    assert (tmp_path / "ablation_baselines.csv").stat().st_size > 0
     for f in ("ablation.csv", "trials.csv", "ablation_heatmap.png", "ablation_bars.png", "importances.png"):
         assert (tmp_path / f).stat().st_size > 0
     assert pd.read_csv(tmp_path / "trials.csv")["seed"].tolist() == [0, 1, 2, 0, 1, 2]
