@@ -6,6 +6,7 @@ Both choices are options here (`add_bos`, `cross_document_attention`), so their 
 """
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Callable, Iterable
 
@@ -27,25 +28,60 @@ def split_documents(texts: list[str], tokenizers: list, block_size: int, reserve
     """Split documents so that under every tokenizer each piece plus `reserve` special tokens (EOS) fits block_size.
 
     Pieces break at line boundaries, then at whitespace, and inside a word only when a single word is longer
-    than a block. Whitespace stays attached to the end of the piece before the break, so
+    than a block. Each piece is the longest run of units (lines; words; characters) from where the previous
+    piece ended that still fits. Whitespace stays attached to the end of the piece before the break, so
     "".join(pieces of a document) == the document. Documents that fit already are returned unchanged.
     Returns the pieces of all documents in order, as one flat list of strings.
+
+    Time is linear in the document's length: each tokenizer reads a long document once, in chunks with character
+    offsets, to guess where each piece ends; then only a few piece-sized candidates around each guess are
+    tokenized again, to make the cut exact.
     """
     if block_size - reserve < 1:
         raise ValueError(f"block_size={block_size} leaves no room for text after {reserve} reserved token(s)")
     if not tokenizers:
         raise ValueError("split_documents needs at least one tokenizer (the target's and every source's)")
-
-    def fits(piece: str) -> bool:
-        return all(token_count(tok, piece) + reserve <= block_size for tok in tokenizers)
+    budget = block_size - reserve
+    counters = [_counter(tok) for tok in tokenizers]
+    # A document longer than this many characters cannot fit under that tokenizer (no token covers more than
+    # its string's length, x4 for normalisers that expand text): skip tokenizing it whole.
+    hopeless = [4 * budget * _longest_token(tok) for tok in tokenizers]
 
     pieces: list[str] = []
     for text in texts:
-        if fits(text):
+        if all(len(text) <= limit for limit in hopeless) and all(count(text) <= budget for count in counters):
             pieces.append(text)
         else:
-            pieces.extend(_split(text, fits, level=0))
+            pieces.extend(_split(text, tokenizers, counters, budget, level=0))
     return pieces
+
+
+def _backend(tokenizer):
+    """The `tokenizers.Tokenizer` that computes exactly what `tokenizer(text)` returns, or None."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    cls = type(tokenizer)
+    if any(getattr(cls, name) is not getattr(PreTrainedTokenizerFast, name)
+           for name in ("__call__", "_encode_plus")):
+        return None  # a subclass that changes the text or the encoding on the Python side
+    return tokenizer.backend_tokenizer
+
+
+def _counter(tokenizer) -> Callable[[str], int]:
+    """token_count(tokenizer, text) as a function; straight through the Rust tokenizer where that is identical."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return lambda text: token_count(tokenizer, text)
+    return lambda text: len(backend.encode(text, add_special_tokens=False))
+
+
+def _longest_token(tokenizer) -> int:
+    try:
+        return max(max(map(len, tokenizer.get_vocab())), 1)
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return 1 << 30  # unknown: never assume a document is too long
 
 
 def _units(text: str, level: int) -> list[str]:
@@ -56,28 +92,91 @@ def _units(text: str, level: int) -> list[str]:
     return list(text)
 
 
-def _split(text: str, fits: Callable[[str], bool], level: int) -> list[str]:
+_GUESS_CHUNK_CHARS = 8192
+
+
+def _token_starts(tokenizer, text: str, bounds: list[int]) -> list[int] | None:
+    """Approximate character offset where each token of `text` starts (chunks cut at unit boundaries are
+    tokenized separately: cheaper than one huge call, and only a guess is needed); None without offsets."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return None
+    cuts = [0]
+    while cuts[-1] < len(text):
+        k = bisect.bisect_left(bounds, cuts[-1] + _GUESS_CHUNK_CHARS)
+        cuts.append(bounds[k] if k < len(bounds) else len(text))
+    encodings = backend.encode_batch([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False)
+    starts: list[int] = []
+    for offset, encoding in zip(cuts, encodings):
+        starts.extend(offset + start for start, _ in encoding.offsets)
+    return starts if all(a <= b for a, b in zip(starts, starts[1:])) else None
+
+
+def _split(text: str, tokenizers: list, counters: list, budget: int, level: int) -> list[str]:
     units = _units(text, level)
+    n = len(units)
+    bounds = [0]  # bounds[k]: character offset where unit k starts (bounds[n] == len(text))
+    for unit in units:
+        bounds.append(bounds[-1] + len(unit))
+    starts = [_token_starts(tok, text, bounds) for tok in tokenizers]
+    # The tokenizer with the most tokens is checked first: it is the one that usually says "does not fit".
+    order = sorted(range(len(counters)), key=lambda i: -len(starts[i] or ()))
+
+    def guess(first: int) -> int:
+        # Where the piece starting at unit `first` ends if it keeps the document's own tokens: under each
+        # tokenizer, `budget` tokens from the first token that starts in the piece. Off by a boundary token or
+        # two; the searches below make the cut exact.
+        end_char = len(text)
+        for token_starts in starts:
+            if token_starts is None:
+                return first + 1
+            i = bisect.bisect_left(token_starts, bounds[first])
+            if i + budget < len(token_starts):
+                end_char = min(end_char, token_starts[i + budget])
+        return max(first + 1, bisect.bisect_right(bounds, end_char) - 1)
+
+    def fits(first: int, end: int) -> bool:
+        piece = "".join(units[first:end])
+        return all(counters[i](piece) <= budget for i in order)
+
     pieces: list[str] = []
-    start = 0
-    while start < len(units):
-        # Largest end with units[start:end] fitting; token counts grow with the text, so bisect.
-        low, high = start, len(units)
+    first = 0
+    while first < n:
+        # The largest end with units[first:end] fitting (token counts grow with the text): gallop from the
+        # guess to bracket it, then bisect the bracket.
+        probe = min(guess(first), n)
+        step = 1
+        if fits(first, probe):
+            low, high = probe, n
+            while low < n:
+                candidate = min(low + step, n)
+                if not fits(first, candidate):
+                    high = candidate - 1
+                    break
+                low, step = candidate, step * 2
+        else:
+            low, high = first, probe - 1
+            while high > first:
+                candidate = max(probe - step, first)
+                if candidate == first or fits(first, candidate):
+                    low = candidate
+                    break
+                high, step = candidate - 1, step * 2
         while low < high:
             mid = (low + high + 1) // 2
-            if fits("".join(units[start:mid])):
+            if fits(first, mid):
                 low = mid
             else:
                 high = mid - 1
-        if low == start:
-            unit = units[start]
+        if low == first:
+            unit = units[first]
             if level == 2:
                 raise ValueError(f"the single character {unit!r} does not fit a block under some tokenizer")
-            pieces.extend(_split(unit, fits, level + 1))
-            start += 1
+            pieces.extend(_split(unit, tokenizers, counters, budget, level + 1))
+            first += 1
         else:
-            pieces.append("".join(units[start:low]))
-            start = low
+            pieces.append("".join(units[first:low]))
+            first = low
     return pieces
 
 

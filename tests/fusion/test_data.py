@@ -32,6 +32,50 @@ def test_split_inside_a_word_only_when_unavoidable(sp_tokenizer):
     assert pieces[0] == "the fox "        # the words before the long one are not cut
 
 
+OLD_SP_PIECES = ["the fox ", "abcdefgh", "ijklmno", "pqrstuvw", "xyzabc", "defghijkl", "mnopqr", "stuvwxyz", " ",
+                 "dog\n", "the end"]
+
+
+def _greedy_split(text, tokenizers, block_size, level=0):
+    """The definition in split_documents' docstring, by brute force: from where the last piece ended, the longest
+    run of units (lines; words; characters) that fits, found by trying every end from the longest down."""
+    import re
+
+    units = [text.splitlines(keepends=True), re.findall(r"\s*\S+\s*|\s+", text), list(text)][level]
+
+    def fits(piece):
+        return all(token_count(tok, piece) + 1 <= block_size for tok in tokenizers)
+
+    pieces, first = [], 0
+    while first < len(units):
+        end = next((e for e in range(len(units), first, -1) if fits("".join(units[first:e]))), first)
+        if end == first:
+            pieces += _greedy_split(units[first], tokenizers, block_size, level + 1)
+            first += 1
+        else:
+            pieces.append("".join(units[first:end]))
+            first = end
+    return pieces
+
+
+def test_split_is_the_greedy_longest_fitting_run(shared_data, sp_tokenizer, bpe_tokenizer):
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:1500]
+    long_word = "antidisestablishmentarianism" * 4
+    docs = [text, text.replace("\n", " ")[:700], f"a line\n{long_word} and more\nend\n"]
+    for block_size in (16, 40):
+        for doc in docs:
+            expected = _greedy_split(doc, [sp_tokenizer, bpe_tokenizer], block_size)
+            assert split_documents([doc], [sp_tokenizer, bpe_tokenizer], block_size) == expected
+
+
+def test_split_pieces_of_a_small_case_are_unchanged(word_tokenizer, sp_tokenizer):
+    # Outputs of the former (quadratic) implementation on small cases, kept as they were.
+    assert split_documents(["a b c d e f g h i j k a b c"], [word_tokenizer], block_size=5) == [
+        "a b c d ", "e f g h ", "i j k a ", "b c"]
+    assert split_documents(["the fox abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz dog\nthe end"],
+                           [sp_tokenizer], block_size=8) == OLD_SP_PIECES
+
+
 def test_split_real_text_fits_every_tokenizer(shared_data, sp_tokenizer, bpe_tokenizer):
     text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:6000]
     docs = [text[:3000], text[3000:], "short"]
