@@ -237,13 +237,14 @@ def build_merge_config(model_paths: list[Path], method: str, *, base_model: Path
 
 
 def merge_models(model_paths: list[Path], method: str, out_path: Path, *, base_model: Path | None = None,
-                 params: dict | None = None, dtype: str = "float32", seed: int = 0) -> Path:
+                 params: dict | None = None, dtype: str = "float32", seed: int = 0, device: str = "cpu") -> Path:
     """Merge structurally identical HF models with mergekit's `method`; returns `out_path`.
 
     model_paths: the models to merge (local HF folders; the base may be listed or not).
     base_model: required by the task-vector methods (task_arithmetic, ties, dare_*, sce) and slerp.
     params: mergekit parameters, e.g. {"weight": [0.7, 0.3]} or {"t": 0.3}; see `build_merge_config`.
     dtype: arithmetic and output dtype. seed: random seed for DARE's sampling.
+    device: where mergekit does the tensor arithmetic ("cpu", "cuda", "cuda:N"; mergekit's --cuda / --device).
     The result (safetensors + config + tokenizer) is written to a temporary sibling folder and
     renamed to `out_path` only when complete; an existing `out_path` is an error.
     """
@@ -262,7 +263,7 @@ def merge_models(model_paths: list[Path], method: str, out_path: Path, *, base_m
     try:
         run_merge(MergeConfiguration.model_validate(cfg), str(tmp),
                   MergeOptions(random_seed=seed, quiet=True, copy_tokenizer=True, safe_serialization=True,
-                               write_model_card=False))
+                               write_model_card=False, device=device, cuda=device.startswith("cuda")))
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:

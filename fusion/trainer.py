@@ -33,6 +33,8 @@ class TrainSettings:
     packing without reset) or restart attention at every document.
     add_bos: prepend BOS to each document (the reference does not).
     deepspeed: None, "zero2", "zero3" (the shipped configs, all values "auto") or a path to a JSON config.
+    device: None lets the Trainer choose (its GPU when one is visible); "cpu" keeps training on the CPU;
+    "cuda" / "cuda:N" trains on that GPU (under a launcher each rank takes its LOCAL_RANK GPU).
     """
 
     block_size: int = 2048
@@ -52,6 +54,7 @@ class TrainSettings:
     add_bos: bool = False
     logging_steps: int = 1
     deepspeed: str | None = None
+    device: str | None = None
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainResult:
     flops_per_s: float
     model_dir: str
     settings: dict = field(default_factory=dict)
+    device: str = ""  # where the Trainer ran the model (e.g. "cpu", "cuda:0")
+    precision: str = ""  # "bf16 mixed" (float32 master weights) or the weights' dtype ("float32")
 
 
 def deepspeed_config_path(deepspeed: str | None) -> str | None:
@@ -172,6 +177,13 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
     extra = {}
     if os.environ.get(CONFIGURED_STATE_ENV) == "1":
         extra["accelerator_config"] = {"use_configured_state": True}
+    on_gpu = torch.cuda.is_available()
+    if settings.device == "cpu":
+        extra["use_cpu"] = True
+        on_gpu = False
+    elif settings.device and settings.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        # one process: the Trainer places the model on the current CUDA device
+        torch.cuda.set_device(int(settings.device.split(":", 1)[1]))
     return transformers.TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
@@ -192,7 +204,7 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
+        dataloader_pin_memory=on_gpu,  # pinning without a GPU only warns
         disable_tqdm=True,
         **extra,
     )
@@ -241,4 +253,6 @@ def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, 
                        train_runtime=float(runtime), tokens=tokens,
                        tokens_per_s=tokens / runtime if runtime else 0.0,
                        flops_per_s=6.0 * params * tokens / runtime if runtime else 0.0,
-                       model_dir=str(output_dir), settings=asdict(settings))
+                       model_dir=str(output_dir), settings=asdict(settings), device=str(trainer.args.device),
+                       precision="bf16 mixed" if trainer.args.bf16 else
+                       str(next(model.parameters()).dtype).removeprefix("torch."))

@@ -66,6 +66,8 @@ def _format_estimate(est) -> str:
 def cmd_run(args) -> int:
     from harness.pipeline import run_experiment
 
+    if args.nproc is not None:  # same as the override runtime.extraction_nproc=N
+        args.overrides = [*args.overrides, f"runtime.extraction_nproc={args.nproc}"]
     cfg = _config(args)
     if args.quiet:  # libraries' progress bars too (lm-eval's request bars); tqdm reads this when a bar starts
         os.environ["TQDM_DISABLE"] = "1"
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--quiet", action="store_true")
     sp.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    sp.add_argument("--nproc", type=int, default=None,
+                    help="processes for distribution extraction (torchrun; one per GPU with runtime.device cuda); "
+                         "same as runtime.extraction_nproc=N")
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("study", help="run (or resume / join) an Optuna study")
     sp.add_argument("spec")

@@ -218,13 +218,22 @@ class BaselinesSpec(_Strict):
 
 
 class EvalSettingsSpec(_Strict):
-    batch_size: int = Field(1, ge=1)
+    batch_size: int | str = 1  # or "auto" / "auto:N" as lm-eval takes it (harness.runtime.AUTO_BATCH elsewhere)
     dtype: str = "float32"
     num_fewshot: int | None = None
     seed: int = 1234
     limit: int | None = Field(None, ge=1)
     max_gen_toks: int = Field(64, ge=1)
     bbh_variant: Literal["direct", "cot"] = "direct"
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            return v
+        if isinstance(v, str) and (v == "auto" or (v.startswith("auto:") and v[5:].isdigit() and int(v[5:]) >= 1)):
+            return v
+        raise ValueError(f"batch_size must be a positive integer, 'auto' or 'auto:N', got {v!r}")
 
 
 class PerplexitySpec(_Strict):
@@ -247,6 +256,24 @@ class EvaluationSpec(_Strict):
     data_dir: str | None = None
 
 
+class RuntimeSpec(_Strict):
+    """Where models run (harness/runtime.py): one setting honoured by every model-running stage."""
+
+    device: str = "auto"  # auto (GPU when visible, else CPU) | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: declared on CPU, bf16 on GPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    extraction_nproc: int = Field(1, ge=1)  # processes for distribution extraction (one per GPU on cuda)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        from harness.runtime import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+
 class TrackingSpec(_Strict):
     uri: str | None = None  # default: sqlite store in the work dir
     experiment: str | None = None  # default: the experiment name
@@ -265,6 +292,7 @@ class ExperimentConfig(_Strict):
     baselines: BaselinesSpec = Field(default_factory=BaselinesSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -317,7 +345,10 @@ class ExperimentConfig(_Strict):
 
     def content_hash(self) -> str:
         """Stable hash of the resolved config (independent of key order and of defaults being spelled out)."""
-        return stable_hash(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        if data["runtime"] == RuntimeSpec().model_dump(mode="json"):
+            del data["runtime"]  # where it runs by default is not part of what it is (hashes from before stay)
+        return stable_hash(data)
 
     def model_by_label(self, label: str) -> ModelSpec:
         for spec in [self.target, *self.sources]:

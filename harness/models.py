@@ -128,8 +128,14 @@ def require_fast(tokenizer, label: str) -> None:
         )
 
 
-def load_model(spec: ModelSpec, *, world=None, cache_dir: Path | None = None, with_weights: bool = True) -> LoadedModel:
-    """Load tokenizer (and weights unless `with_weights=False`) for a model reference, eval mode, CPU."""
+def load_model(spec: ModelSpec, *, world=None, cache_dir: Path | None = None, with_weights: bool = True,
+               device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = None) -> LoadedModel:
+    """Load tokenizer (and weights unless `with_weights=False`) for a model reference, eval mode.
+
+    device: a concrete torch device ("cpu", "cuda:0"; harness.runtime resolves `auto`): weights are read
+    straight onto it (no CPU copy first). dtype: "float32" | "bfloat16" | "float16", default the spec's own.
+    attn_implementation: None keeps transformers' default.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,8 +149,10 @@ def load_model(spec: ModelSpec, *, world=None, cache_dir: Path | None = None, wi
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 resolved, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                dtype=getattr(torch, _DTYPES[spec.dtype]), use_safetensors=None if spec.allow_pickle else True,
+                dtype=getattr(torch, _DTYPES[dtype or spec.dtype]), use_safetensors=None if spec.allow_pickle else True,
                 local_files_only=offline() or Path(resolved).exists(),
+                **({"device_map": device} if device != "cpu" else {}),
+                **({"attn_implementation": attn_implementation} if attn_implementation else {}),
             )
         except OSError as exc:
             raise ModelLoadError(f"model {spec.label}: cannot load weights from {resolved}: {exc}") from None

@@ -97,7 +97,10 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     cache = StageCache(workdir(cfg) / "cache")
     stages: dict[str, Stage] = {}
 
+    numerics = _runtime_key_settings(cfg)
+
     def add(name: str, kind: str, settings: dict, inputs: list[str] = (), **estimate) -> Stage:
+        settings = {**settings, **numerics(name)}  # {} unless the runtime changes what a model computes
         key = cache.key(kind, settings, [stages[i].key for i in inputs])
         stages[name] = Stage(name, kind, key, settings, list(inputs), estimate)
         return stages[name]
@@ -162,6 +165,28 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     return Plan(cfg, cache, stages, world_key)
 
 
+def _runtime_key_settings(cfg: ExperimentConfig) -> Callable[[str], dict]:
+    """stage name -> what `runtime` adds to its key: the run dtype where it differs from the declared one
+    (extraction, evaluation), bf16 mixed precision where the runtime turns it on (training). The device is
+    not part of a key: a GPU gives the CPU's results up to float rounding (see harness/runtime.py)."""
+    from harness.runtime import planned_placement
+
+    place = planned_placement(cfg.runtime)
+    labels = {s.label: s for s in [cfg.target, *cfg.sources]}
+
+    def extra(name: str) -> dict:
+        kind, _, rest = name.partition("/")
+        if kind == "distributions" and rest in labels:
+            return place.key_settings(labels[rest].dtype)
+        if kind == "eval":
+            return place.key_settings(cfg.evaluation.settings.dtype)
+        if kind in ("train", "domain_pool") and place.train_bf16(cfg.training.bf16) != cfg.training.bf16:
+            return {"bf16_mixed": True}
+        return {}
+
+    return extra
+
+
 def evaluated_models(cfg: ExperimentConfig) -> list[str]:
     """Every model of the comparison, in table order."""
     names = [s.label for s in cfg.sources]
@@ -222,6 +247,11 @@ class _Runner:
         self.ran = 0
         self._world = None
         self._loaded: dict[str, Any] = {}
+        from harness.runtime import placement_from_config
+
+        # resolved once, before any stage: `cuda` without a GPU fails here, naming runtime.device
+        self.placement = placement_from_config(self.cfg.runtime)
+        self.runtime_used: dict[str, dict] = {}  # stage -> where its models ran (also <stage>/runtime.json)
 
     # -- helpers
     def say(self, msg: str) -> None:
@@ -276,10 +306,21 @@ class _Runner:
             self._loaded[key] = load_model(self.spec(label), world=self.world, with_weights=False).tokenizer
         return self._loaded[key]
 
-    def model(self, label: str):
+    def model(self, label: str, training: bool = False):
+        """A model loaded once onto the runtime device in its run dtype; for training: float32 master weights on
+        the CPU in the spec's dtype (the Trainer places it, with bf16 autocast when the runtime asks for it)."""
         from harness.models import load_model
 
-        return load_model(self.spec(label), world=self.world)
+        if training:
+            return load_model(self.spec(label), world=self.world)
+        spec, p = self.spec(label), self.placement
+        return load_model(spec, world=self.world, device=p.device, dtype=p.dtype_for(spec.dtype),
+                          attn_implementation=p.attn_implementation)
+
+    def note_runtime(self, stage: str, tmp: Path, used: dict) -> None:
+        """Record where a stage's models ran: <stage folder>/runtime.json, the run's runtime.json, MLflow."""
+        self.runtime_used[stage] = used
+        (tmp / "runtime.json").write_text(json.dumps(used, indent=2))
 
     # -- corpus
     def corpus(self) -> dict[str, list[dict]]:
@@ -309,11 +350,32 @@ class _Runner:
             import torch
 
             torch.manual_seed(self.cfg.seed)
-            lm = self.model(label)
-            ds, stats = extract_distributions(
-                lm.model, lm.tokenizer, [r["text"] for r in train_rows], [r["doc_id"] for r in train_rows],
-                k=self.cfg.fusion.top_k, batch_size=self.cfg.fusion.extraction_batch_size,
-                store_dtype=self.cfg.fusion.store_dtype, progress=self.progress)
+            p = self.placement
+            texts, doc_ids = [r["text"] for r in train_rows], [r["doc_id"] for r in train_rows]
+            if p.extraction_nproc > 1:
+                from harness.models import resolve
+                from harness.sharded import extract_distributions_sharded
+
+                spec = self.spec(label)
+                local = spec.model_copy(update={"ref": resolve(spec, world=self.world), "name": spec.label})
+                work = tmp / "_sharded"
+                ds, stats = extract_distributions_sharded(
+                    local, texts, doc_ids, work, nproc=p.extraction_nproc, k=self.cfg.fusion.top_k,
+                    batch_size=self.cfg.fusion.extraction_batch_size, store_dtype=self.cfg.fusion.store_dtype,
+                    device=self.cfg.runtime.device, dtype=p.dtype_for(spec.dtype),
+                    attn_implementation=p.attn_implementation, progress=self.progress)
+                used = {"device": stats_device(work), "dtype": p.dtype_for(spec.dtype), "processes": p.extraction_nproc}
+                ds = ds.flatten_indices()
+            else:
+                from harness.runtime import observed
+
+                lm = self.model(label)
+                used = observed(lm.model)
+                ds, stats = extract_distributions(
+                    lm.model, lm.tokenizer, texts, doc_ids,
+                    k=self.cfg.fusion.top_k, batch_size=self.cfg.fusion.extraction_batch_size,
+                    store_dtype=self.cfg.fusion.store_dtype, progress=self.progress)
+            self.note_runtime(f"distributions/{label}", tmp, used)
             ds.save_to_disk(str(tmp / "dataset"))
             (tmp / "stats.json").write_text(json.dumps(_asdict(stats), indent=2))
 
@@ -439,12 +501,15 @@ class _Runner:
         from fusion.trainer import train_target
 
         def build(tmp: Path) -> None:
-            lm = self.model(self.cfg.target.label)
-            res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", train_settings(self.cfg),
+            lm = self.model(self.cfg.target.label, training=True)
+            p = self.placement
+            settings = train_settings(self.cfg, device=p.device, bf16=p.train_bf16(self.cfg.training.bf16))
+            res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", settings,
                                lam=lam, temperature=self.cfg.fusion.temperature, verbose=self.progress,
                                loss_positions=self.cfg.fusion.loss_positions)
             record = _asdict(res)
             record["model_dir"] = "model"  # relative: the stage folder is renamed into place
+            self.note_runtime(name, tmp, {"device": res.device, "dtype": res.precision})
             (tmp / "train_result.json").write_text(json.dumps(record, indent=2, default=float))
 
         return self.stage(name, build)
@@ -464,10 +529,16 @@ class _Runner:
             by_domain: dict[str, list[str]] = {}
             for r in train_rows:
                 by_domain.setdefault(r["domain"], []).append(r["text"])
-            settings = train_settings(self.cfg, max_steps=self.cfg.baselines.domain_pool.max_steps)
-            lm = self.model(self.cfg.target.label)
+            from harness.models import load_model
+
+            p = self.placement
+            settings = train_settings(self.cfg, max_steps=self.cfg.baselines.domain_pool.max_steps, device=p.device,
+                                      bf16=p.train_bf16(self.cfg.training.bf16))
+            lm = load_model(self.spec(self.cfg.target.label), world=self.world, with_weights=False)
             experts = train_domain_experts(lm.path, by_domain, tmp / "experts", settings, lm.tokenizer,
                                            verbose=self.progress)
+            self.note_runtime("domain_pool", tmp, {"device": _trained_on(settings.device),
+                                                   "dtype": "bf16 mixed" if settings.bf16 else "float32"})
             (tmp / "experts.json").write_text(json.dumps({d: str(Path(p).relative_to(tmp)) for d, p in experts.items()}))
 
         return self.stage("domain_pool", build)
@@ -483,7 +554,9 @@ class _Runner:
             experts = self.experts()
             # methods on task vectors use the target (the experts' common ancestor) as the base
             base = Path(self.model_path(self.cfg.target.label)) if MERGE_METHODS.get(method).needs_base else None
-            merge_models([experts[d] for d in sorted(experts)], method, tmp / "model", base_model=base, params=params)
+            merge_models([experts[d] for d in sorted(experts)], method, tmp / "model", base_model=base, params=params,
+                         device=self.placement.device)
+            self.note_runtime(f"merge/{method}", tmp, {"device": self.placement.device, "dtype": "float32"})
 
         return self.stage(f"merge/{method}", build)
 
@@ -501,7 +574,9 @@ class _Runner:
 
         def build(tmp: Path) -> None:
             frames, ppl, items, docs = [], [], [], []
+            used = {}
             for label, lm_obj, tok_model in self.eval_models(name):
+                used[label] = _where(lm_obj)
                 scores, per_item = self.run_suites(label, lm_obj)
                 frames.append(scores)
                 items.append(per_item)
@@ -511,6 +586,7 @@ class _Runner:
                     docs.append(per_doc)
             long = pd.concat(frames + ppl, ignore_index=True) if frames or ppl else pd.DataFrame()
             long.to_csv(tmp / "eval_long.csv", index=False)
+            self.note_runtime(f"eval/{name}", tmp, used)
             for frame_list, columns, file in ((items, ITEM_COLUMNS, "eval_items.csv"),
                                               (docs, DOC_COLUMNS, "eval_docs.csv")):
                 kept = [f for f in frame_list if len(f)]
@@ -533,35 +609,47 @@ class _Runner:
         return out[0], out[1]
 
     def eval_models(self, name: str):
-        """Yield (row label, model for lm-eval (folder path or LM), what perplexity scores: (model, tokenizer), an
-        LM with windowed_nll (the ensemble), or None)."""
+        """Yield (row label, model for lm-eval ((model, tokenizer) loaded once on the runtime device, or an LM),
+        what perplexity scores: the same pair, or an LM with windowed_nll (the ensemble))."""
         from harness.models import load_model
 
+        p = self.placement
+        eval_dtype = p.dtype_for(self.cfg.evaluation.settings.dtype)
+
+        def folder_pair(folder: Path):
+            return _load_folder(folder, device=p.device, dtype=eval_dtype, attn_implementation=p.attn_implementation)
+
+        def spec_pair(label: str):
+            lm = load_model(self.spec(label), world=self.world, device=p.device, dtype=eval_dtype,
+                            attn_implementation=p.attn_implementation)
+            return lm.model, lm.tokenizer
+
         if name == "fusellm" or name == "clm":
-            folder = self.plan.path(f"train/{name}") / "model"
-            yield name, str(folder), _load_folder(folder)
+            pair = folder_pair(self.plan.path(f"train/{name}") / "model")
+            yield name, pair, pair
         elif name == "ensemble":
             from baselines.ensemble import EnsembleLM
 
             members = self.cfg.baselines.ensemble.members or [s.label for s in self.cfg.sources]
-            loaded = [load_model(self.spec(m), world=self.world) for m in members]
+            loaded = [spec_pair(m) for m in members]
             pivot = self.tokenizer(self.cfg.target.label)
             s = self.cfg.evaluation.settings
-            lm = EnsembleLM(members=[(l.model, l.tokenizer) for l in loaded], pivot=pivot,
+            lm = EnsembleLM(members=loaded, pivot=pivot, device=p.device, dtype=eval_dtype,
                             combiner=self.cfg.baselines.ensemble.combiner,
                             weights=self.cfg.baselines.ensemble.weights, alignment=self.cfg.fusion.alignment,
-                            vocab_map=self.cfg.fusion.vocab_map, batch_size=s.batch_size,
+                            vocab_map=self.cfg.fusion.vocab_map, batch_size=p.batch_size(s.batch_size),
                             max_gen_toks=s.max_gen_toks, names=members)
             yield name, lm, lm  # it scores held-out text itself (EnsembleLM.windowed_nll)
         elif name == "domain_pool":
             for domain, folder in sorted(self.experts().items()):
-                yield f"expert:{domain}", str(folder), _load_folder(folder)
+                pair = folder_pair(folder)
+                yield f"expert:{domain}", pair, pair
         elif name.startswith("merge:"):
-            folder = self.plan.path(f"merge/{name.split(':', 1)[1]}") / "model"
-            yield name, str(folder), _load_folder(folder)
+            pair = folder_pair(self.plan.path(f"merge/{name.split(':', 1)[1]}") / "model")
+            yield name, pair, pair
         else:
-            lm = load_model(self.spec(name), world=self.world)
-            yield name, lm.path, (lm.model, lm.tokenizer)
+            pair = spec_pair(name)
+            yield name, pair, pair
 
     def run_suites(self, label: str, model) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(score rows, per-item scores) of `model` on the configured suites."""
@@ -571,8 +659,10 @@ class _Runner:
         if not suites:
             return pd.DataFrame(), pd.DataFrame()
         s = self.cfg.evaluation.settings
-        settings = EvalSettings(batch_size=s.batch_size, dtype=s.dtype, num_fewshot=s.num_fewshot, seed=s.seed,
-                                limit=s.limit, max_gen_toks=s.max_gen_toks, bbh_variant=s.bbh_variant)
+        p = self.placement
+        settings = EvalSettings(batch_size=s.batch_size, dtype=p.dtype_for(s.dtype), num_fewshot=s.num_fewshot,
+                                seed=s.seed, limit=s.limit, max_gen_toks=s.max_gen_toks, bbh_variant=s.bbh_variant,
+                                device=p.device, attn_implementation=p.attn_implementation)
         include = [self.world.tasks_dir] if self.world is not None else []
         data_dir = Path(self.cfg.evaluation.data_dir).expanduser() if self.cfg.evaluation.data_dir else None
         df, items = evaluate(model, list(suites), settings, data_dir=data_dir, include_paths=include,
@@ -592,7 +682,7 @@ class _Runner:
         else:
             model, tok = model_tok
             df, docs = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
-                                            batch_size=max(1, self.cfg.evaluation.settings.batch_size),
+                                            batch_size=self.placement.batch_size(self.cfg.evaluation.settings.batch_size),
                                             per_document=True)
         docs.insert(0, "model", label)
         rows = []
@@ -621,12 +711,50 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
 
-def _load_folder(folder: Path):
+def _load_folder(folder: Path, device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = None):
+    """A saved HF folder (trained, expert, merged) -> (model on `device` in `dtype`, tokenizer), read once."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+    kw: dict[str, Any] = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if device != "cpu":
+        kw["device_map"] = device  # weights read straight onto the GPU
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kw)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+def _where(lm_obj) -> dict:
+    """Where an evaluated model ran: a (model, tokenizer) pair's parameters, or each ensemble member's."""
+    from harness.runtime import observed
+
+    if isinstance(lm_obj, tuple):
+        return observed(lm_obj[0])
+    members = getattr(lm_obj, "members", None)
+    if members:
+        return {"members": {m.name: observed(m.model) for m in members}}
+    return {"device": str(getattr(lm_obj, "device", "?"))}
+
+
+def _trained_on(device: str | None) -> str:
+    # what the HF Trainer does with FuseLab's device setting (fusion.trainer.training_arguments)
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return device if device and ":" in device else "cuda:0"
+
+
+def stats_device(work: Path) -> str:
+    """The devices the ranks of a sharded extraction ran on, from their stats files ("cpu", "cuda:0,cuda:1")."""
+    found = []
+    for f in sorted(Path(work).glob("shards/rank-*/stats.json")):
+        d = json.loads(f.read_text()).get("device", "cpu")
+        if d not in found:
+            found.append(d)
+    return ",".join(found) or "cpu"
 
 
 def _iter(ds, progress: bool, desc: str):
@@ -722,6 +850,7 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
                      tags={"fuselab.kind": "experiment", "fuselab.config_hash": cfg.content_hash()}):
         tracker.log_config(cfg)
         result = _execute(plan, run_dir, progress, tracker)
+        tracker.log_params(runtime_params(cfg, run_dir))
         _track_result(tracker, result, cfg)
         return result
 
@@ -794,6 +923,9 @@ def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentRe
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     stage_times = pd.DataFrame(r.stage_log, columns=["stage", "seconds", "cached"])
     stage_times.to_csv(run_dir / "stage_times.csv", index=False)
+    used = {n: json.loads((plan.path(n) / "runtime.json").read_text()) for n in plan.stages
+            if (plan.path(n) / "runtime.json").is_file()}
+    (run_dir / "runtime.json").write_text(json.dumps({"runtime": r.placement.params(), "stages": used}, indent=2))
     if progress:
         print(f"\nstages run {r.ran}, cached {r.hits}, total {timings['total']:.1f} s; results in {run_dir}")
     return ExperimentResult(cfg, results, long, metrics, losses, timings, run_dir, r.hits, r.ran, stage_times,
@@ -817,6 +949,24 @@ def uncertainty_tables(long: pd.DataFrame, items: pd.DataFrame, docs: pd.DataFra
         return score_intervals(long, items, docs, []), paired_comparisons(long, items, docs, [], {})
     return (score_intervals(long, items, docs, models, seed=seed),
             paired_comparisons(long, items, docs, models, refs, seed=seed))
+
+
+def runtime_params(cfg: ExperimentConfig, run_dir: Path) -> dict[str, str]:
+    """MLflow params: the resolved runtime (placement.device, ...) and where each model-running stage ran
+    (device/<stage> = "cuda:0 bfloat16"; several models: "<model>=<device> <dtype>; ..."), from runtime.json."""
+    rec = json.loads((run_dir / "runtime.json").read_text())
+    out = {f"placement.{k}": str(v) for k, v in rec["runtime"].items()}  # runtime.* holds the config as written
+
+    def short(u: dict) -> str:
+        if "members" in u:
+            return "; ".join(f"{m}={short(v)}" for m, v in u["members"].items())
+        if "device" in u:
+            return f"{u['device']} {u.get('dtype', '')}".strip()
+        return "; ".join(f"{m}={short(v)}" for m, v in u.items())
+
+    for stage, used in rec["stages"].items():
+        out["device/" + stage.replace(":", "_")] = short(used)[:500]
+    return out
 
 
 def _built_seconds(stage_dir: Path) -> float:

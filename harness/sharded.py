@@ -8,8 +8,11 @@ first under the model's own tokenizer), cut into batches of `batch_size`, and wh
 ranks (each to the rank with the fewest tokens so far). A rank's slice, kept in that global order,
 re-forms exactly those batches, so every forward pass sees the same padded inputs.
 
-No process group is needed (ranks never exchange tensors); torchrun gives each process its RANK and
-WORLD_SIZE, restarts nothing, and fails the whole job if one rank fails.
+No process group is needed (ranks never exchange tensors); torchrun gives each process its RANK, LOCAL_RANK and
+WORLD_SIZE, restarts nothing, and fails the whole job if one rank fails. With device `cuda` (or `auto` on a GPU
+node) rank r computes on cuda:LOCAL_RANK (harness.runtime.resolve_device): one process per GPU. On GPUs the
+merged result equals one process's up to the dtype's rounding (kernels may differ between GPUs and batch
+shapes); on the CPU it is bit for bit.
 
 Worker entry point: `python -m harness.sharded JOB.json` (what torchrun starts in each process).
 """
@@ -77,7 +80,8 @@ def extract_distributions_sharded(model_spec, texts: list[str], doc_ids: list[in
                                   nproc: int, k: int = 10, batch_size: int = 8, max_length: int | None = None,
                                   store_dtype: str = "float16", threads_per_proc: int | None = None,
                                   cache_dir: str | Path | None = None, timeout_s: float | None = None,
-                                  progress: bool = False):
+                                  progress: bool = False, device: str = "cpu", dtype: str | None = None,
+                                  attn_implementation: str | None = None):
     """Top-k distributions of one model over `texts`, computed by `nproc` torchrun processes.
 
     model_spec: harness.config.ModelSpec (or a local HF folder path); it is resolved here, once, so the
@@ -85,8 +89,11 @@ def extract_distributions_sharded(model_spec, texts: list[str], doc_ids: list[in
     resolved folder instead). texts/doc_ids as in extract_distributions.
     work_dir: job file, per-rank logs and shards (left in place for inspection; the caller owns it).
     threads_per_proc: torch threads per rank (default: CPU cores // nproc, at least 1).
+    device: runtime.device as configured ("cpu", "auto", "cuda", "cuda:N"), resolved by each rank: "cuda" and a
+    GPU-backed "auto" put rank r on cuda:LOCAL_RANK. dtype: the run dtype (default the spec's).
     Returns (dataset sorted by doc_id with the columns of extract_distributions, ExtractionStats summed over
-    ranks: tokens and flops add up, seconds is the slowest rank's forward time).
+    ranks: tokens and flops add up, seconds is the slowest rank's forward time). Each rank's stats.json under
+    work_dir/shards/ records the device it ran on.
     """
     from fusion.distributions import ExtractionStats
     from harness.config import ModelSpec
@@ -96,6 +103,12 @@ def extract_distributions_sharded(model_spec, texts: list[str], doc_ids: list[in
         raise ValueError(f"texts ({len(texts)}) and doc_ids ({len(doc_ids)}) must have the same length")
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    from harness.runtime import device_count, resolve_device
+
+    resolve_device(device)  # a missing GPU fails here, naming runtime.device, not in every rank
+    if device in ("cuda", "auto") and device_count() and nproc > device_count():
+        raise ValueError(f"nproc={nproc} ranks on cuda:LOCAL_RANK need {nproc} GPUs, torch sees {device_count()}; "
+                         f"use nproc <= {device_count()} (runtime.extraction_nproc / --nproc)")
     spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec(ref=str(model_spec))
     resolved = resolve(spec, cache_dir=Path(cache_dir) if cache_dir else None)
     local_spec = spec.model_copy(update={"ref": resolved, "name": spec.label})
@@ -109,7 +122,8 @@ def extract_distributions_sharded(model_spec, texts: list[str], doc_ids: list[in
     threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
     job = {"model": local_spec.model_dump(mode="json"), "documents": str(work / "documents.jsonl"),
            "out": str(work / "shards"), "k": k, "batch_size": batch_size, "max_length": max_length,
-           "store_dtype": store_dtype, "threads": threads, "progress": progress}
+           "store_dtype": store_dtype, "threads": threads, "progress": progress, "device": device,
+           "dtype": dtype, "attn_implementation": attn_implementation}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
     logs = work / "logs"
@@ -151,13 +165,18 @@ def run_worker(job_path: str | Path) -> None:
     from fusion.distributions import document_ids, extract_distributions
     from harness.config import ModelSpec
     from harness.models import load_model
+    from harness.runtime import resolve_device
 
     job = json.loads(Path(job_path).read_text())
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(int(job["threads"]))
+    device = resolve_device(job.get("device", "cpu"))  # cuda -> cuda:LOCAL_RANK
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
     docs = [json.loads(line) for line in Path(job["documents"]).read_text(encoding="utf-8").splitlines() if line]
-    loaded = load_model(ModelSpec.model_validate(job["model"]))
+    loaded = load_model(ModelSpec.model_validate(job["model"]), device=device, dtype=job.get("dtype"),
+                        attn_implementation=job.get("attn_implementation"))
     texts = [d["text"] for d in docs]
     lengths = [len(ids) for ids in document_ids(loaded.tokenizer, texts)]
     mine = shard_plan(lengths, world, int(job["batch_size"]))[rank]
@@ -173,7 +192,8 @@ def run_worker(job_path: str | Path) -> None:
     tmp.mkdir(parents=True)
     ds.save_to_disk(str(tmp / "dataset"))
     (tmp / "stats.json").write_text(json.dumps({**asdict(stats), "rank": rank, "world_size": world,
-                                                "documents": len(mine), "wall_s": time.perf_counter() - t0}))
+                                                "documents": len(mine), "wall_s": time.perf_counter() - t0,
+                                                "device": str(next(loaded.model.parameters()).device)}))
     os.replace(tmp, out)
 
 
