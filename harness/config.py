@@ -52,6 +52,19 @@ class CorpusSpec(_Strict):
     max_docs_per_domain: int | None = None
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     min_chars: int = Field(20, ge=1)
+    encoding: str = "utf-8"  # how corpus files are decoded; undecodable bytes are an error, never replaced
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (Python codec names: utf-8, latin-1, cp1252, "
+                             f"utf-16...)") from None
+        return v
 
 
 # Every switch of the reference FuseLLM implementation's behaviour (README "The method and its switches").
@@ -279,6 +292,21 @@ class TrackingSpec(_Strict):
     experiment: str | None = None  # default: the experiment name
 
 
+def check_run_name(name: str) -> str:
+    """`name` if it can be one path component (runs/<name>-<hash>, reports/<name>), else ValueError saying why."""
+    bad = [why for why, hit in (
+        ("is empty", not name.strip()),
+        ("holds a path separator", "/" in name or "\\" in name),
+        ("holds '..'", ".." in name),
+        ("is '.'", name == "."),
+        ("holds a control character", any(ord(ch) < 32 or ord(ch) == 127 for ch in name)),
+    ) if hit]
+    if bad:
+        raise ValueError(f"name {name!r} {' and '.join(bad)}: use a plain name such as 'my-run_1' (it becomes a "
+                         f"folder name under the work dir)")
+    return name
+
+
 class ExperimentConfig(_Strict):
     name: str
     seed: int = 0
@@ -293,6 +321,11 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _consistent(self):

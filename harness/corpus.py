@@ -3,27 +3,69 @@
 Kinds: `micro` (the micro world's own splits), `text_files` (one domain per file; documents are groups of
 paragraphs up to `DOC_CHARS` characters), `jsonl` (one document per row, `text_field`; the domain is the row's
 `domain` field or the file stem). `.gz` files are read transparently.
+
+Files are decoded strictly with `corpus.encoding` (default UTF-8): a file that is binary (a NUL byte, or more
+than 1% control characters), not valid in that encoding, or a truncated/corrupt gzip stream is refused with
+the file and the byte offset named, never turned into documents of replacement characters.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
 import random
+import re
+import zlib
 from pathlib import Path
 
 DOC_CHARS = 2000
+# C0 control characters and DEL, except those text files hold (tab, newlines, form feed, ESC): a file with
+# more than 1% of them (or any NUL) is binary.
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
+_BINARY_CONTROL_SHARE = 0.01
 
 
 class CorpusError(ValueError):
     pass
 
 
-def _open_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    return path.read_text(encoding="utf-8", errors="replace")
+def read_text(path: Path, encoding: str = "utf-8", where: str = "corpus") -> str:
+    """The whole text of `path` (`.gz` decompressed), decoded strictly with `encoding`.
+
+    Raises CorpusError naming `where` (the config field), the file and the byte offset (of the decompressed
+    data for `.gz`) when the file is binary, not valid `encoding`, or a truncated or corrupt gzip stream.
+    """
+    gz = path.suffix == ".gz"
+    of = " of the decompressed data" if gz else ""
+    try:
+        if gz:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise CorpusError(f"{where}: {path} is a truncated or corrupt gzip file ({exc}); "
+                          f"re-download or re-compress it") from None
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NUL bytes are normal there
+    nul = -1 if wide else data.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{where}: {path} looks binary (a NUL byte at byte offset {nul}{of}); corpus files "
+                          f"must be text")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{where}: {path} is not valid {encoding} at byte offset {exc.start}{of} "
+                          f"({data[exc.start:exc.start + 8]!r}); set corpus.encoding to the file's encoding "
+                          f"(e.g. latin-1) or convert the file to UTF-8") from None
+    first = _CONTROL.search(text)
+    if first is not None:
+        count = len(_CONTROL.findall(text))
+        if "\x00" in text or count > _BINARY_CONTROL_SHARE * len(text):
+            at = text.index("\x00") if "\x00" in text else first.start()
+            raise CorpusError(f"{where}: {path} looks binary ({count} control characters in {len(text)}, the first "
+                              f"at byte offset {len(text[:at].encode(encoding))}{of}); corpus files must be text")
+    return text
 
 
 def paragraphs_to_documents(text: str, max_chars: int = DOC_CHARS, min_chars: int = 20) -> list[str]:
@@ -53,11 +95,12 @@ def _domain_docs(spec) -> dict[str, list[str]]:
         if not path.is_file():
             raise CorpusError(f"corpus.paths.{i}: file {path} does not exist")
         stem = path.name.split(".")[0]
+        text = read_text(path, spec.encoding, where=f"corpus.paths.{i}")
         if spec.kind == "text_files":
-            docs = paragraphs_to_documents(_open_text(path), min_chars=spec.min_chars)
+            docs = paragraphs_to_documents(text, min_chars=spec.min_chars)
             out.setdefault(stem, []).extend(docs)
         else:
-            for ln, line in enumerate(_open_text(path).splitlines(), 1):
+            for ln, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:

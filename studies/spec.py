@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
     check_local_paths,
+    check_run_name,
     read_yaml,
     stable_hash,
     validate_config,
@@ -124,6 +125,11 @@ class StudySpec(_Strict):
     # Where the file was read from; set by `load_spec`, not by the YAML.
     spec_path: Path | None = Field(None, exclude=True)
     extra_overrides: tuple[str, ...] = Field((), exclude=True)
+
+    @field_validator("study_name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)  # it names <workdir>/reports/<study_name> and a lock file
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -237,3 +237,23 @@ def test_paper_config_uses_the_reference_preset():
 
     assert cfg.fusion.preset == "reference"
     assert {k: getattr(cfg.fusion, k) for k in REFERENCE_PRESET} == REFERENCE_PRESET
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/elsewhere", "a/b", "a\\b", "..", "x..y", ""])
+def test_run_names_that_would_leave_the_work_dir_are_refused(tmp_path, name):
+    p = _write(tmp_path, _minimal(), "exp.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, [f"name={name}"] if name else ["name=''"])
+    message = str(err.value)
+    assert message.startswith("exp.yaml: name: name ") and "\n" not in message
+    assert load_config(p, ["name=plain-name_1.v2"]).name == "plain-name_1.v2"
+
+
+def test_study_names_are_checked_the_same_way(tmp_path):
+    from studies.spec import load_spec
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"study_name": "../x", "base": str(QUICKSTART), "objective": {"metric": "bpb_avg"},
+                                    "search_space": {"fusion.lam": {"type": "categorical", "choices": [0.9]}}}))
+    with pytest.raises(ConfigError, match=r"s\.yaml: study_name: name '\.\./x' holds a path separator"):
+        load_spec(spec)
