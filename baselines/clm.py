@@ -24,15 +24,15 @@ def clm_dataset(tokenizer, texts: list[str]) -> datasets.Dataset:
 
 
 def train_clm(model, tokenizer, dataset: datasets.Dataset, output_dir: Path, settings: TrainSettings,
-              deepspeed: str | None = None, verbose: bool = True) -> TrainResult:
+              deepspeed: str | None = None, verbose: bool = True, label: str = "clm") -> TrainResult:
     """Continue training `model` with the causal-LM loss only and save it (safetensors + tokenizer) to output_dir.
 
     dataset: the fused dataset (its fused_ids/fused_probs columns are ignored) or any dataset with
     input_ids list<int> [n] per document (e.g. `clm_dataset`). Losses in the result are nats per token.
-    verbose=False drops the Trainer's per-step log lines.
+    verbose=False drops the per-step progress lines (prefixed with `label`).
     """
     if "input_ids" not in dataset.column_names:
         raise ValueError(f"CLM training dataset has no input_ids column (columns: {dataset.column_names}); "
                          f"build one with baselines.clm.clm_dataset(tokenizer, texts)")
     return train_target(model, tokenizer, dataset, Path(output_dir), settings, lam=1.0, deepspeed=deepspeed,
-                        verbose=verbose)
+                        verbose=verbose, label=label)

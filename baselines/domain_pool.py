@@ -30,7 +30,7 @@ def train_domain_experts(base_model_path: Path, texts_by_domain: dict[str, list[
     out_dir: experts go to out_dir/<domain> as safetensors HF folders with the tokenizer. Each is
     trained in a temporary sibling folder and renamed when complete; an existing complete expert is
     reused (a killed run resumes with the next domain). Every expert uses settings.seed.
-    verbose=False drops the Trainer's per-step log lines.
+    verbose=False drops the per-step progress lines (each prefixed with `expert:<domain>`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -57,7 +57,8 @@ def train_domain_experts(base_model_path: Path, texts_by_domain: dict[str, list[
         model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype="auto")
         tmp = out_dir / f".{domain}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            train_clm(model, tokenizer, clm_dataset(tokenizer, texts), tmp, settings, verbose=verbose)
+            train_clm(model, tokenizer, clm_dataset(tokenizer, texts), tmp, settings, verbose=verbose,
+                      label=f"expert:{domain}")
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

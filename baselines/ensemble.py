@@ -165,6 +165,16 @@ _BATCHABLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neo
                           "granite", "stablelm", "smollm3"}
 
 
+def _bar(work, desc: str, disable: bool):
+    """A tqdm bar over `work` (an iterable, or a total to `update`) unless lm-eval asked for none
+    (`disable_tqdm`, set by harness.evaluation.evaluate(progress=False) or a quiet run)."""
+    from tqdm.auto import tqdm
+
+    if isinstance(work, int):
+        return tqdm(total=work, desc=desc, unit="request", disable=disable, leave=False)
+    return tqdm(work, desc=desc, unit="request", disable=disable, leave=False)
+
+
 def _batchable(model) -> bool:
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in _BATCHABLE_MODEL_TYPES:
@@ -596,6 +606,7 @@ class EnsembleLM(LM):
         # longest first over all requests, as lm-eval does, so that batches hold similar lengths (little padding)
         order = sorted(range(len(requests)), key=lambda i: -len(segments[i].input_ids))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = _bar(len(requests), "ensemble loglikelihood", disable_tqdm)
         for a in range(0, len(order), self.batch_size):
             chunk = order[a:a + self.batch_size]
             for i, lp in zip(chunk, self._distributions([segments[i] for i in chunk])):
@@ -608,6 +619,8 @@ class EnsembleLM(LM):
                 greedy = bool((lp.argmax(dim=-1) == target).all())
                 results[i] = (score, greedy)
                 self.cache_hook.add_partial("loglikelihood", requests[i].args, (score, greedy))
+            bar.update(len(chunk))
+        bar.close()
         return results  # type: ignore[return-value]
 
     def _rolling_segments(self, text: str) -> list[_Segment]:
@@ -642,7 +655,7 @@ class EnsembleLM(LM):
         """Total ensemble log-likelihood (nats) of each text on the pivot tokenization, conditioned on
         the pivot's prefix token; texts longer than max_length use lm-eval's disjoint rolling windows."""
         results = []
-        for req in requests:
+        for req in _bar(requests, "ensemble loglikelihood_rolling", disable_tqdm):
             (text,) = req.args
             total = 0.0
             segments = self._rolling_segments(text)
@@ -748,11 +761,14 @@ class EnsembleLM(LM):
         any other member one request at a time. "mince" picks, at each step, the member with the lowest mean
         CE on the context and the tokens generated so far."""
         results: list[str] = []
+        bar = _bar(len(requests), "ensemble generate_until", disable_tqdm)
         for a in range(0, len(requests), self.batch_size):
             chunk = requests[a:a + self.batch_size]
             for req, text in zip(chunk, self._generate_chunk([req.args for req in chunk])):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", req.args, text)
+            bar.update(len(chunk))
+        bar.close()
         return results
 
     def _generate_chunk(self, args: list[tuple]) -> list[str]:

@@ -72,7 +72,7 @@ def _model_name(model) -> str:
 
 def extract_distributions(model, tokenizer, texts: list[str], doc_ids: list[int], k: int = 10, batch_size: int = 8,
                           max_length: int | None = None, store_dtype: str = "float16",
-                          progress: bool = True) -> tuple[datasets.Dataset, ExtractionStats]:
+                          progress: bool = True, label: str | None = None) -> tuple[datasets.Dataset, ExtractionStats]:
     """Run `model` over `texts` once and keep the top-k next-token distribution at every position.
 
     texts: one string per document; doc_ids: one int per document (unique). Documents are batched by length
@@ -84,6 +84,7 @@ def extract_distributions(model, tokenizer, texts: list[str], doc_ids: list[int]
     bpb float32 (total nats / (ln 2 * n_bytes))), ExtractionStats).
     max_length (default: the model's max_position_embeddings) guards against documents the model cannot see
     whole: a longer document is an error naming it.
+    progress: a bar over the batches, named `label` (default: the model's name or path).
     """
     if len(texts) != len(doc_ids):
         raise ValueError(f"texts ({len(texts)}) and doc_ids ({len(doc_ids)}) must have the same length")
@@ -116,7 +117,7 @@ def extract_distributions(model, tokenizer, texts: list[str], doc_ids: list[int]
     if progress:
         try:
             from tqdm.auto import tqdm
-            batches = tqdm(batches, desc=f"top-{k} of {_model_name(model)}", unit="batch")
+            batches = tqdm(batches, desc=f"top-{k} of {label or _model_name(model)}", unit="batch")
         except ImportError:
             pass
     try:

@@ -6,10 +6,13 @@ loss is exactly the HF causal-LM loss.
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import torch
@@ -35,6 +38,9 @@ class TrainSettings:
     deepspeed: None, "zero2", "zero3" (the shipped configs, all values "auto") or a path to a JSON config.
     device: None lets the Trainer choose (its GPU when one is visible); "cpu" keeps training on the CPU;
     "cuda" / "cuda:N" trains on that GPU (under a launcher each rank takes its LOCAL_RANK GPU).
+    checkpoint_steps: how often `train_target` saves a resumable checkpoint when it is given a checkpoint_dir:
+    None = about AUTO_CHECKPOINTS evenly spaced checkpoints per run, 0 = none, N = every N optimizer steps.
+    Always a multiple of logging_steps, so that a resumed run logs the same loss averages as an uninterrupted one.
     """
 
     block_size: int = 2048
@@ -55,6 +61,7 @@ class TrainSettings:
     logging_steps: int = 1
     deepspeed: str | None = None
     device: str | None = None
+    checkpoint_steps: int | None = None
 
 
 @dataclass
@@ -75,6 +82,8 @@ class TrainResult:
     settings: dict = field(default_factory=dict)
     device: str = ""  # where the Trainer ran the model (e.g. "cpu", "cuda:0")
     precision: str = ""  # "bf16 mixed" (float32 master weights) or the weights' dtype ("float32")
+    resumed_from_step: int = 0  # the checkpoint's optimizer step this run continued from (0: from scratch)
+    steps_run: int = 0  # optimizer steps computed by this call (total steps - resumed_from_step)
 
 
 def deepspeed_config_path(deepspeed: str | None) -> str | None:
@@ -159,6 +168,142 @@ class FusionTrainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
+# ------------------------------------------------------------------------------- checkpoints and progress
+AUTO_CHECKPOINTS = 5  # checkpoint_steps=None: about this many checkpoints per run
+CHECKPOINT_MARKER = "fuselab_checkpoint.json"  # written last into a checkpoint folder: it is complete
+
+
+def checkpoint_interval(checkpoint_steps: int | None, max_steps: int, logging_steps: int) -> int:
+    """Optimizer steps between checkpoints (0: none). None -> about AUTO_CHECKPOINTS per run of max_steps;
+    always a multiple of logging_steps (a resumed run then logs the same loss averages as an uninterrupted one)."""
+    if checkpoint_steps == 0 or max_steps <= 1:
+        return 0
+    if checkpoint_steps is None:
+        per = -(-max_steps // AUTO_CHECKPOINTS)  # ceil
+        return -(-per // logging_steps) * logging_steps
+    if checkpoint_steps < 0 or checkpoint_steps % logging_steps:
+        raise ValueError(f"checkpoint_steps={checkpoint_steps} must be 0 or a positive multiple of logging_steps="
+                         f"{logging_steps} (so that a resumed run logs the same losses); e.g. "
+                         f"{max(1, checkpoint_steps // logging_steps) * logging_steps}")
+    return checkpoint_steps
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if path.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+        return int(name[len("checkpoint-"):])
+    return None
+
+
+def last_checkpoint(checkpoint_dir) -> Path | None:
+    """The newest complete checkpoint (`checkpoint-<step>` with the marker written after the Trainer saved it)
+    in checkpoint_dir, or None. A folder a kill interrupted mid-save has no marker and is never picked."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    done = [(step, p) for p in root.iterdir() if (step := _checkpoint_step(p)) is not None
+            and (p / CHECKPOINT_MARKER).is_file()]
+    return max(done)[1] if done else None
+
+
+class CheckpointCallback(transformers.TrainerCallback):
+    """Asks the Trainer to save every `interval` optimizer steps (not at the last step: the model is saved
+    then anyway); after a save, marks the checkpoint complete and deletes every other checkpoint folder."""
+
+    def __init__(self, checkpoint_steps: int | None, trainer: "FusionTrainer"):
+        self.checkpoint_steps = checkpoint_steps
+        self.trainer = trainer
+        self.interval = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.interval = checkpoint_interval(self.checkpoint_steps, state.max_steps, args.logging_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interval and state.global_step % self.interval == 0 and state.global_step < state.max_steps:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tmp = folder / (CHECKPOINT_MARKER + ".tmp")
+        tmp.write_text(json.dumps({"step": state.global_step, "tokens_seen": self.trainer.tokens_seen}))
+        os.replace(tmp, folder / CHECKPOINT_MARKER)
+        for other in Path(args.output_dir).iterdir():
+            if other != folder and _checkpoint_step(other) is not None:
+                shutil.rmtree(other, ignore_errors=True)
+
+
+class LogForwarder(transformers.TrainerCallback):
+    """Calls `sink(step, logs)` on the main process for every Trainer log entry (loss, clm_loss, fusion_loss,
+    learning_rate, grad_norm per logging step; the run summary at the end). On a resumed run the entries
+    restored from the checkpoint are replayed first, so a sink sees the whole curve. Errors in the sink are
+    reported once and never stop training."""
+
+    def __init__(self, sink: Callable[[int, dict], None]):
+        self.sink = sink
+        self._failed = False
+
+    def _send(self, step: int, logs: dict) -> None:
+        if self._failed:
+            return
+        try:
+            self.sink(int(step), dict(logs))
+        except Exception as exc:  # tracking is a side channel: a dead server must not kill the training
+            self._failed = True
+            print(f"warning: training logs stop being forwarded ({type(exc).__name__}: {exc})", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            for entry in state.log_history:
+                if "step" in entry:
+                    self._send(entry["step"], {k: v for k, v in entry.items() if k != "step"})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self._send(state.global_step, logs)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class TrainingProgress(transformers.TrainerCallback):
+    """One line per logging step on the main process, e.g.
+    `    fusellm  step 15/60  loss 3.2101 (clm 3.3012, fusion 2.4107)  lr 9.5e-04  0:12 elapsed, ETA 0:36`.
+    The ETA extrapolates the time per step of this process (steps restored from a checkpoint excluded)."""
+
+    def __init__(self, label: str = "train", print_fn: Callable[[str], None] | None = None):
+        self.label = label
+        self.print = print_fn or (lambda line: print(line, flush=True))
+        self.t0 = time.monotonic()
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.monotonic()
+        self.first_step = state.global_step
+        if state.is_world_process_zero and state.global_step:
+            self.print(f"    {self.label}  resumed from the checkpoint at step {state.global_step}/{state.max_steps}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        step, total = state.global_step, state.max_steps
+        elapsed = time.monotonic() - self.t0
+        done = step - self.first_step
+        eta = elapsed / done * (total - step) if done > 0 else float("nan")
+        parts = [f"    {self.label}  step {step}/{total}  loss {logs['loss']:.4f}"]
+        terms = [f"{name.removesuffix('_loss')} {logs[name]:.4f}" for name in ("clm_loss", "fusion_loss") if name in logs]
+        if terms:
+            parts[0] += f" ({', '.join(terms)})"
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.1e}")
+        parts.append(f"{_clock(elapsed)} elapsed, ETA {_clock(eta) if eta == eta else '?'}")
+        self.print("  ".join(parts))
+
+
 def require_position_ids(model) -> None:
     """Documents are isolated inside a packed block through position_ids resets (transformers builds the
     block-diagonal mask from them); a model whose forward takes no position_ids (e.g. MPT, ALiBi) cannot."""
@@ -173,7 +318,8 @@ CONFIGURED_STATE_ENV = "FUSELAB_CONFIGURED_STATE"
 
 
 def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str | None = None) -> transformers.TrainingArguments:
-    """TrainSettings -> transformers.TrainingArguments (no checkpoints, no external reporting: the harness tracks)."""
+    """TrainSettings -> transformers.TrainingArguments. No external reporting (the harness tracks, through
+    train_target's on_log); save_strategy "no" because `CheckpointCallback` decides when to save."""
     extra = {}
     if os.environ.get(CONFIGURED_STATE_ENV) == "1":
         extra["accelerator_config"] = {"use_configured_state": True}
@@ -212,13 +358,21 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
 
 def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, settings: TrainSettings,
                  lam: float, temperature: float = 1.0, deepspeed: str | None = None,
-                 verbose: bool = True, loss_positions: str = "next_label") -> TrainResult:
+                 verbose: bool = True, loss_positions: str = "next_label", *, label: str = "train",
+                 checkpoint_dir=None, on_log: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train `model` on `fused_dataset` with lam * CLM + (1 - lam) * fusion loss and save it to output_dir.
 
     fused_dataset: doc_id, input_ids [n] (target tokenization), fused_ids / fused_probs [n * k], k; with
     lam = 1 a dataset with only input_ids is enough (CLM-only baseline, the fusion term is skipped).
     deepspeed overrides settings.deepspeed when given. The final model is saved as safetensors with the tokenizer.
-    verbose=False drops the per-step log lines (the loss history is still returned).
+    verbose: one progress line per logging step (`TrainingProgress`, prefixed with `label`); False prints
+    nothing (the loss history is still returned).
+    checkpoint_dir: a folder that outlives this process: checkpoints go there every settings.checkpoint_steps,
+    and when it already holds a complete one (a killed run) training resumes from it, restoring weights,
+    optimizer, scheduler, RNG states and the position in the data, so the final weights and logged losses
+    equal those of an uninterrupted run. The caller deletes the folder once the model is safely stored.
+    on_log(step, logs): called on the main process for every Trainer log entry (nats per token for the losses),
+    the entries restored from a checkpoint first (e.g. to stream the curve to a tracking server).
     """
     fusion = lam < 1.0
     train_dataset = prepare_train_dataset(fused_dataset, settings.block_size, packing=settings.packing,
@@ -231,14 +385,27 @@ def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, 
     if not settings.cross_document_attention:
         require_position_ids(model)
     collator = FusionCollator(pad_id, cross_document_attention=settings.cross_document_attention)
-    args = training_arguments(output_dir, settings, deepspeed)
+    args = training_arguments(str(checkpoint_dir) if checkpoint_dir is not None else output_dir, settings, deepspeed)
     trainer = FusionTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                             lam=lam, temperature=temperature, loss_positions=loss_positions)
-    if not verbose:  # the log history is still recorded; only the per-step printing goes
-        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    # the raw log dicts go; the history is still recorded
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    if verbose:
+        trainer.add_callback(TrainingProgress(label))
+    if on_log is not None:
+        trainer.add_callback(LogForwarder(on_log))
+    resume = None
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        trainer.add_callback(CheckpointCallback(settings.checkpoint_steps, trainer))
+        resume = last_checkpoint(checkpoint_dir)
+        if resume is not None:
+            trainer.tokens_seen = int(json.loads((resume / CHECKPOINT_MARKER).read_text())["tokens_seen"])
+    tokens_before = trainer.tokens_seen
     began = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     runtime = output.metrics.get("train_runtime", time.perf_counter() - began)
+    resumed_from = int(resume.name.split("-")[-1]) if resume is not None else 0
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
@@ -249,10 +416,12 @@ def train_target(model, tokenizer, fused_dataset: datasets.Dataset, output_dir, 
 
     params = matmul_parameters(model)
     tokens = trainer.tokens_seen
+    computed = tokens - tokens_before  # throughput of this process only (a resumed run restored the rest)
     return TrainResult(losses=by_step("loss"), clm_losses=by_step("clm_loss"), fusion_losses=by_step("fusion_loss"),
                        train_runtime=float(runtime), tokens=tokens,
-                       tokens_per_s=tokens / runtime if runtime else 0.0,
-                       flops_per_s=6.0 * params * tokens / runtime if runtime else 0.0,
+                       tokens_per_s=computed / runtime if runtime else 0.0,
+                       flops_per_s=6.0 * params * computed / runtime if runtime else 0.0,
                        model_dir=str(output_dir), settings=asdict(settings), device=str(trainer.args.device),
                        precision="bf16 mixed" if trainer.args.bf16 else
-                       str(next(model.parameters()).dtype).removeprefix("torch."))
+                       str(next(model.parameters()).dtype).removeprefix("torch."),
+                       resumed_from_step=resumed_from, steps_run=int(trainer.state.global_step) - resumed_from)
