@@ -17,6 +17,8 @@ ORDER = [
 
 
 def _fmt(v) -> str:
+    if v is None:  # figures needing hardware this machine lacks (GPU): recorded, never estimated
+        return "not measured"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
     return str(v)

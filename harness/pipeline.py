@@ -353,6 +353,8 @@ class _Runner:
             p = self.placement
             texts, doc_ids = [r["text"] for r in train_rows], [r["doc_id"] for r in train_rows]
             if p.extraction_nproc > 1:
+                import shutil
+
                 from harness.models import resolve
                 from harness.sharded import extract_distributions_sharded
 
@@ -365,7 +367,7 @@ class _Runner:
                     device=self.cfg.runtime.device, dtype=p.dtype_for(spec.dtype),
                     attn_implementation=p.attn_implementation, progress=self.progress)
                 used = {"device": stats_device(work), "dtype": p.dtype_for(spec.dtype), "processes": p.extraction_nproc}
-                ds = ds.flatten_indices()
+                shutil.rmtree(work)  # the merged dataset is in memory; the shards would double the stage's size
             else:
                 from harness.runtime import observed
 

@@ -76,3 +76,48 @@ def test_failed_rank_names_the_model_and_logs(tmp_path):
     (bad / "config.json").write_text("{}")
     with pytest.raises(ShardedExtractionError, match=r"not-a-model with 1 processes failed.*per-rank logs under"):
         extract_distributions_sharded(ModelSpec(ref=str(bad)), ["a b c"], [0], tmp_path / "job", nproc=1, timeout_s=300)
+
+
+@pytest.mark.slow
+def test_pipeline_shards_extraction_itself(micro_world, tmp_path):
+    """`runtime.extraction_nproc=2` (what `fuselab run --nproc 2` sets): the distributions stage runs two torchrun
+    ranks and stores exactly what one single-threaded process computes, and says so in its runtime.json."""
+    import json
+    from pathlib import Path
+
+    from harness.config import load_config
+    from harness.pipeline import _Runner, build_plan
+
+    quickstart = Path(__file__).resolve().parents[2] / "studies" / "micro_quickstart.yaml"
+    cfg = load_config(quickstart, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=5", "runtime.device=cpu",
+                                   "runtime.extraction_nproc=2"])
+    plan = build_plan(cfg)
+    single_plan = build_plan(load_config(quickstart, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=5"]))
+    assert plan.stages["distributions/neox-code"].key == single_plan.stages["distributions/neox-code"].key
+    runner = _Runner(plan, progress=False)
+    rows = runner.corpus()["train"]
+    stage = runner.distributions("neox-code", rows)
+    sharded = datasets.load_from_disk(str(stage / "dataset"))
+    assert json.loads((stage / "runtime.json").read_text()) == {"device": "cpu", "dtype": "float32", "processes": 2}
+    assert not (stage / "_sharded").exists()  # the ranks' work folder is not kept in the cache
+    lm = load_model(cfg.model_by_label("neox-code"), world=micro_world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single, _ = extract_distributions(lm.model, lm.tokenizer, [r["text"] for r in rows], [r["doc_id"] for r in rows],
+                                          k=cfg.fusion.top_k, batch_size=cfg.fusion.extraction_batch_size,
+                                          store_dtype=cfg.fusion.store_dtype, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert sharded.data.table.equals(single.data.table)
+
+
+def test_sharded_extraction_refuses_a_missing_gpu(tiny_llama_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from harness.runtime import RuntimeConfigError
+
+    with pytest.raises(RuntimeConfigError, match="runtime.device: 'cuda' was asked for"):
+        extract_distributions_sharded(ModelSpec(ref=str(tiny_llama_dir)), ["a b"], [0], tmp_path / "job", nproc=2,
+                                      device="cuda")
+    assert not (tmp_path / "job").exists()  # nothing started
