@@ -80,6 +80,39 @@ def _model_identity(spec: ModelSpec, world_key: StageKey | None) -> dict:
     return {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
 
 
+def check_evaluation(cfg: ExperimentConfig) -> list[str]:
+    """One line per reason the evaluation would fail only after every model is trained, found before any
+    stage runs: a built-in suite whose data is missing offline (harness.evaluation.data), or MultiPL-E where
+    generated code cannot be jailed (harness.evaluation.sandbox). Nothing is downloaded or executed."""
+    from harness.evaluation.data import BUILTIN_SUITES, DataUnavailableError, resolve_suite_data
+    from harness.evaluation.multipl_e import available_languages
+    from harness.evaluation.sandbox import SandboxUnavailable, check_sandbox
+
+    data_dir = Path(cfg.evaluation.data_dir).expanduser() if cfg.evaluation.data_dir else None
+    problems: list[str] = []
+    for suite in cfg.evaluation.suites:
+        if suite not in BUILTIN_SUITES:
+            continue
+        # the languages evaluate() runs: those with a toolchain here (the others are reported "not run")
+        languages = available_languages() if suite == "multipl_e" else ()
+        if suite == "multipl_e" and not languages:
+            continue
+        try:
+            resolve_suite_data(suite, data_dir, languages)
+        except DataUnavailableError as exc:
+            lines = str(exc).splitlines()
+            lacks = " ".join(line for line in lines[1:] if " lacks " in line)
+            problems.append(f"evaluation.suites: {suite}: {lines[0]}{' ' + lacks if lacks else ''} Set "
+                            f"evaluation.data_dir (or FUSELAB_DATA) to a folder holding its files (listed in "
+                            f"harness/evaluation/data.py).")
+        if suite == "multipl_e":
+            try:
+                check_sandbox()
+            except (SandboxUnavailable, ValueError) as exc:
+                problems.append(f"evaluation.suites: multipl_e: {exc}")
+    return problems
+
+
 def world_settings(seed: int) -> dict:
     """What identifies a micro world: recipe version, sizes and seed."""
     from dataclasses import asdict
@@ -839,6 +872,11 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
     _import_registered_methods()
     _quiet_libraries()
     plan = build_plan(cfg)
+    evaluation_problems = check_evaluation(cfg)
+    if evaluation_problems:  # before any stage runs, rather than after all the training
+        from harness.config import ConfigError
+
+        raise ConfigError("\n".join(evaluation_problems))
     plan.cache.clean_stale()
     run_dir = workdir(cfg) / "runs" / f"{cfg.name}-{cfg.content_hash()}"
     run_dir.mkdir(parents=True, exist_ok=True)
