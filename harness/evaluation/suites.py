@@ -18,6 +18,7 @@ import pandas as pd
 
 from .data import BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, resolve_suite_data
 from .multipl_e import available_languages, toolchain_problem
+from .sandbox import check_sandbox
 from .taskgen import (bbh_group_name, bbh_task_name, commonsense_task_name, multipl_e_task_name,
                       write_suite_tasks)
 
@@ -336,7 +337,8 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
     group name) are macro averages. A MultiPL-E language without a toolchain gets value NaN and a "not run" note.
     task_dir: where generated task YAML goes (default: a temporary folder, removed afterwards).
     progress=False hides the model's per-request progress bars (`disable_tqdm`); results are the same.
-    Data resolution and the offline error: see data.py. Deterministic for fixed settings.
+    Data resolution and the offline error: see data.py; MultiPL-E without a code jail raises SandboxUnavailable
+    (sandbox.py) before the model is loaded. Deterministic for fixed settings.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -351,6 +353,8 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                 if suite == "multipl_e" else ()
             if suite != "multipl_e" or runnable:
                 sources[suite] = resolve_suite_data(suite, data_dir, runnable)
+            if suite == "multipl_e" and runnable:
+                check_sandbox()  # no jail here: SandboxUnavailable now, not after every generation
     lm = _as_lm(model, settings)
     model_name = model_name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
     frames, item_frames = [], []

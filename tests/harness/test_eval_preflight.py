@@ -63,3 +63,16 @@ def test_multipl_e_without_a_jail_is_a_problem_at_start(shared_data, tmp_path, m
     assert "FUSELAB_SANDBOX=unjailed" in problems[0]
     monkeypatch.setenv("FUSELAB_SANDBOX", "unjailed")
     assert check_evaluation(cfg) == []
+
+
+def test_evaluate_refuses_multipl_e_without_a_jail_before_loading_the_model(shared_data, tmp_path, monkeypatch,
+                                                                           fresh_jail_probe):
+    from harness.evaluation import EvalSettings, evaluate
+    from harness.evaluation.multipl_e import toolchain_problem
+
+    assert toolchain_problem("python") is None  # probed with the real PATH (cached), before it is taken away
+    monkeypatch.setenv("PATH", str(tmp_path))
+    # The model folder does not exist: loading it would fail differently, so the refusal comes first.
+    with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+        evaluate(tmp_path / "no-model", ["multipl_e"], EvalSettings(multipl_e_languages=("python",)),
+                 data_dir=shared_data)
