@@ -71,7 +71,7 @@ def cmd_run(args) -> int:
     cfg = _config(args)
     if args.quiet:  # libraries' progress bars too (lm-eval's request bars); tqdm reads this when a bar starts
         os.environ["TQDM_DISABLE"] = "1"
-    result = run_experiment(cfg, progress=not args.quiet, track=not args.no_track)
+    result = run_experiment(cfg, progress="stages" if args.quiet else True, track=not args.no_track)
     import pandas as pd
 
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
@@ -91,9 +91,10 @@ def cmd_run(args) -> int:
 def cmd_study(args) -> int:
     from studies.runner import run_study
 
-    study = run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage,
-                      worker_id=args.worker_id)
-    print(f"study {study.study_name}: {len(study.trials)} trials")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage,
+              worker_id=args.worker_id, progress="trials" if args.quiet else True)
     return 0
 
 
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("run", help="run (or resume) an experiment")
     with_config(sp)
-    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--quiet", action="store_true", help="one line per stage: no progress bars or training steps")
     sp.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     sp.add_argument("--nproc", type=int, default=None,
                     help="processes for distribution extraction (torchrun; one per GPU with runtime.device cuda); "
@@ -152,12 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the work dir)")
     sp.add_argument("--worker-id", default=None,
                     help="name of this worker in trial attributes (default: host-pid); run several to share a study")
+    sp.add_argument("--quiet", action="store_true", help="one line per trial (start, score), no stage lines")
     sp.set_defaults(fn=cmd_study)
     sp = sub.add_parser("report", help="tables and plots for a run, experiment or study")
     sp.add_argument("target")
     sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"))
     sp.add_argument("--out", default=None, help="output folder (default: <workdir>/reports/<name>)")
-    sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in the work dir)")
+    sp.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite in the work dir)")
     sp.add_argument("--storage", default=None, help="Optuna storage URL, for study targets")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("ui", help="open the MLflow UI on the project's store")
@@ -180,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from harness.tracking import quiet_third_party
+
+    quiet_third_party()  # before any library is imported: their notices would drown our progress lines
     from harness.config import ConfigError
     from harness.corpus import CorpusError
     from harness.models import ModelLoadError

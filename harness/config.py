@@ -170,6 +170,15 @@ class TrainingSpec(_Strict):
     add_bos: bool = False  # reference: no BOS (EOS is always appended, as the reference does)
     deepspeed: str | None = None  # zero2 | zero3 | path to a JSON config
     logging_steps: int = Field(5, ge=1)
+    # resumable checkpoints every N optimizer steps: None = about 5 per run, 0 = none (fusion.trainer)
+    checkpoint_steps: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _checkpoints_on_log_steps(self):
+        if self.checkpoint_steps and self.checkpoint_steps % self.logging_steps:
+            raise ValueError(f"checkpoint_steps ({self.checkpoint_steps}) must be a multiple of logging_steps "
+                             f"({self.logging_steps}), so that a resumed run logs the same losses")
+        return self
 
 
 class EnsembleSpec(_Strict):
@@ -381,6 +390,7 @@ class ExperimentConfig(_Strict):
         data = self.model_dump(mode="json")
         if data["runtime"] == RuntimeSpec().model_dump(mode="json"):
             del data["runtime"]  # where it runs by default is not part of what it is (hashes from before stay)
+        data["training"].pop("checkpoint_steps")  # how often a run saves changes none of its results
         return stable_hash(data)
 
     def model_by_label(self, label: str) -> ModelSpec:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     add("fused", "fused", {"fusion": f.fusion, "weights": f.avgce_weights if f.fusion == "avgce" else None,
                            "cut": f.avgce_cut if f.fusion == "avgce" else None,
                            "avgce_normalized": True, "score": f.score, "top_k": f.top_k}, fuse_inputs)
-    train_settings = cfg.training.model_dump(mode="json")
+    train_settings = cfg.training.model_dump(mode="json", exclude={"checkpoint_steps"})  # saving changes no result
     tgt = {"target": ident[cfg.target.label], "seed": cfg.seed}
     add("train/fusellm", "train", {**tgt, "training": train_settings, "lam": f.lam, "temperature": f.temperature,
                                    "loss_positions": f.loss_positions},
@@ -269,11 +270,14 @@ class ExperimentResult:
 
 
 class _Runner:
-    def __init__(self, plan: Plan, progress: bool, tracker=None):
+    def __init__(self, plan: Plan, progress: bool | str, tracker=None, live=None):
         self.plan = plan
         self.cfg = plan.cfg
-        self.progress = progress
+        # progress: True = stage lines, bars and training steps; "stages" = one line per stage; False = silent
+        self.progress = progress is True
+        self.lines = bool(progress)
         self.tracker = tracker
+        self.live = live  # harness.tracking.ExperimentRuns: stage outputs stream to MLflow as stages finish
         self.timings: dict[str, float] = {}
         self.stage_log: list[dict] = []
         self.hits = 0
@@ -288,7 +292,7 @@ class _Runner:
 
     # -- helpers
     def say(self, msg: str) -> None:
-        if self.progress:
+        if self.lines:
             print(msg, flush=True)
 
     def stage(self, name: str, build: Callable[[Path], None]) -> Path:
@@ -297,8 +301,10 @@ class _Runner:
             self.hits += 1
             self.say(f"  [cached] {name:<34} {st.key.key}")
             self.stage_log.append({"stage": name, "seconds": _built_seconds(self.plan.path(name)), "cached": True})
+            _track_stage(self, name, math.nan, cached=True)
             return self.plan.path(name)
-        self.say(f"  [run]    {name:<34} {st.key.key}")
+        if self.progress:  # quiet runs print one line per stage, when it is done
+            self.say(f"  [run]    {name:<34} {st.key.key}")
         t0 = time.perf_counter()
         meta = {"stage": name, "settings": st.settings}
         with self.plan.cache.atomic_dir(st.key, meta=meta) as tmp:
@@ -308,7 +314,8 @@ class _Runner:
         self.timings[name] = dt
         self.stage_log.append({"stage": name, "seconds": dt, "cached": False})
         self.ran += 1
-        self.say(f"           {name} done in {dt:.1f} s")
+        self.say(f"           {name} done in {dt:.1f} s" if self.progress else f"  [run]    {name:<34} {dt:.1f} s")
+        _track_stage(self, name, dt, cached=False)
         return self.plan.path(name)
 
     @property
@@ -409,7 +416,7 @@ class _Runner:
                 ds, stats = extract_distributions(
                     lm.model, lm.tokenizer, texts, doc_ids,
                     k=self.cfg.fusion.top_k, batch_size=self.cfg.fusion.extraction_batch_size,
-                    store_dtype=self.cfg.fusion.store_dtype, progress=self.progress)
+                    store_dtype=self.cfg.fusion.store_dtype, progress=self.progress, label=label)
             self.note_runtime(f"distributions/{label}", tmp, used)
             ds.save_to_disk(str(tmp / "dataset"))
             (tmp / "stats.json").write_text(json.dumps(_asdict(stats), indent=2))
@@ -532,8 +539,15 @@ class _Runner:
         return self.stage("fused", build)
 
     # -- training
+    def checkpoint_dir(self, name: str) -> Path:
+        """Where a training stage keeps its checkpoints: outside its temporary build folder (a killed run's
+        folder is removed on the next start), keyed like the stage, removed once the stage is published."""
+        return self.plan.cache.root / "_checkpoints" / f"{name.replace('/', '-')}-{self.plan.stages[name].key.key}"
+
     def train(self, name: str, dataset_fn: Callable[[], Any], lam: float) -> Path:
         from fusion.trainer import train_target
+
+        label = name.split("/", 1)[1]  # the contestant: fusellm | clm
 
         def build(tmp: Path) -> None:
             lm = self.model(self.cfg.target.label, training=True)
@@ -541,13 +555,16 @@ class _Runner:
             settings = train_settings(self.cfg, device=p.device, bf16=p.train_bf16(self.cfg.training.bf16))
             res = train_target(lm.model, lm.tokenizer, dataset_fn(), tmp / "model", settings,
                                lam=lam, temperature=self.cfg.fusion.temperature, verbose=self.progress,
-                               loss_positions=self.cfg.fusion.loss_positions)
+                               loss_positions=self.cfg.fusion.loss_positions, label=label,
+                               checkpoint_dir=self.checkpoint_dir(name), on_log=_curve_sink(self, label))
             record = _asdict(res)
             record["model_dir"] = "model"  # relative: the stage folder is renamed into place
             self.note_runtime(name, tmp, {"device": res.device, "dtype": res.precision})
             (tmp / "train_result.json").write_text(json.dumps(record, indent=2, default=float))
 
-        return self.stage(name, build)
+        path = self.stage(name, build)
+        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)  # the model is published: not needed
+        return path
 
     def clm_dataset(self, train_rows: list[dict]):
         import datasets
@@ -713,12 +730,12 @@ class _Runner:
         p = self.cfg.evaluation.perplexity
         if hasattr(model_tok, "windowed_nll"):
             df, docs = lm_perplexity_by_domain(model_tok, rows_by_domain, window=p.window, stride=p.stride,
-                                               per_document=True)
+                                               per_document=True, progress=self.progress and label)
         else:
             model, tok = model_tok
             df, docs = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
                                             batch_size=self.placement.batch_size(self.cfg.evaluation.settings.batch_size),
-                                            per_document=True)
+                                            per_document=True, progress=self.progress and label)
         docs.insert(0, "model", label)
         rows = []
         for _, r in df.iterrows():
@@ -739,6 +756,10 @@ def _quiet_libraries() -> None:
     # Our own per-stage lines are the progress report; per-file "Loading weights" bars drown them.
     import datasets
     import transformers
+
+    from harness.tracking import quiet_third_party
+
+    quiet_third_party()
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -815,7 +836,8 @@ def train_settings(cfg: ExperimentConfig, **overrides):
     fields = dict(block_size=t.block_size, per_device_batch_size=t.per_device_batch_size, grad_accum=t.grad_accum,
                   lr=t.lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                   num_epochs=t.num_epochs, max_steps=t.max_steps, seed=cfg.seed, lr_scheduler=t.lr_scheduler,
-                  bf16=t.bf16, packing=t.packing, logging_steps=t.logging_steps, deepspeed=t.deepspeed)
+                  bf16=t.bf16, packing=t.packing, logging_steps=t.logging_steps, deepspeed=t.deepspeed,
+                  checkpoint_steps=t.checkpoint_steps)
     fields.update(overrides)
     import dataclasses
 
@@ -864,8 +886,12 @@ def method_of(model: str, cfg: ExperimentConfig) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | None = None,
-                   progress: bool = True, track: bool = True) -> ExperimentResult:
-    """Run (or resume) the whole comparison and return its results; every stage is cached."""
+                   progress: bool | str = True, track: bool = True) -> ExperimentResult:
+    """Run (or resume) the whole comparison and return its results; every stage is cached.
+
+    progress: True prints stage lines, progress bars and training steps; "stages" one line per stage
+    (`fuselab run --quiet`); False nothing. With tracking, metrics reach MLflow as stages finish
+    (`harness.tracking.ExperimentRuns`), training curves at every logging step."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -886,19 +912,27 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, workdir(cfg))
     if tracker is None:
         return _execute(plan, run_dir, progress, None)
+    from harness.tracking import ExperimentRuns
+
     with tracker.run(cfg.name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                     tags={"fuselab.kind": "experiment", "fuselab.config_hash": cfg.content_hash()}):
+                     tags={"fuselab.kind": "experiment", "fuselab.config_hash": cfg.content_hash()}) as run:
         tracker.log_config(cfg)
-        result = _execute(plan, run_dir, progress, tracker)
-        tracker.log_params(runtime_params(cfg, run_dir))
-        _track_result(tracker, result, cfg)
+        live = ExperimentRuns(tracker, run.info.run_id, tags={"fuselab.experiment": cfg.name})
+        try:
+            result = _execute(plan, run_dir, progress, tracker, live=live)
+            tracker.log_params(runtime_params(cfg, run_dir))
+            _track_result(tracker, result, cfg, live=live)
+        except BaseException as exc:
+            live.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        live.close()
         return result
 
 
-def _execute(plan: Plan, run_dir: Path, progress: bool, tracker) -> ExperimentResult:
+def _execute(plan: Plan, run_dir: Path, progress: bool | str, tracker, live=None) -> ExperimentResult:
     cfg = plan.cfg
     t_all = time.perf_counter()
-    r = _Runner(plan, progress, tracker)
+    r = _Runner(plan, progress, tracker, live)
     if progress:
         print(f"FuseLab experiment {cfg.name} ({cfg.content_hash()}), cache {plan.cache.root}", flush=True)
     _ = r.world
@@ -1017,24 +1051,160 @@ def _built_seconds(stage_dir: Path) -> float:
         return math.nan
 
 
-def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig) -> None:
-    # One nested run per model/method, so the MLflow UI compares them side by side.
+# ------------------------------------------------------------------------------------ live tracking
+def contestant_params(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
+    """What defines one contestant of the comparison, as MLflow params of its child run (so that the MLflow
+    Compare page shows what differs): method and seed for all; the model reference of a source/target; the
+    fusion settings and lambda of FuseLLM; the training settings of everything trained; the ensemble's
+    combination; a merge's method and parameters; an expert's domain."""
+    method = method_of(model, cfg)
+    params: dict[str, Any] = {"method": method, "seed": cfg.seed, "target": cfg.target.label}
+    training = cfg.training.model_dump(mode="json")
+    if method in ("source", "target"):
+        spec = cfg.model_by_label(model)
+        params["model"] = {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
+    elif model == "fusellm":
+        params.update(lam=cfg.fusion.lam, fusion=cfg.fusion.model_dump(mode="json"), training=training)
+    elif model == "clm":
+        params.update(lam=1.0, training=training)
+    elif model == "ensemble":
+        e = cfg.baselines.ensemble
+        params["ensemble"] = {**e.model_dump(mode="json"), "members": e.members or [s.label for s in cfg.sources],
+                              "alignment": cfg.fusion.alignment, "vocab_map": cfg.fusion.vocab_map}
+    elif model.startswith("expert:"):
+        params.update(domain=model.split(":", 1)[1], lam=1.0,
+                      training={**training, "max_steps": cfg.baselines.domain_pool.max_steps})
+    elif model.startswith("merge:"):
+        method_name = model.split(":", 1)[1]
+        merge = next((m for m in cfg.baselines.merges if m.method == method_name), None)
+        params["merge"] = merge.model_dump(mode="json") if merge is not None else {"method": method_name}
+        params["experts_max_steps"] = cfg.baselines.domain_pool.max_steps
+    return params
+
+
+def _stage_contestant(cfg: ExperimentConfig, name: str) -> str | None:
+    """The contestant whose child run gets a stage's outputs (None: the experiment's own run)."""
+    kind, _, rest = name.partition("/")
+    if kind in ("distributions", "vocab", "aligned"):
+        return rest
+    if kind == "fused":
+        return "fusellm"
+    if kind == "train":
+        return rest
+    if kind == "merge":
+        return f"merge:{rest}"
+    return None
+
+
+def _contestant_run(live, cfg: ExperimentConfig, model: str) -> str:
+    return live.child(model, method=method_of(model, cfg), params=contestant_params(cfg, model))
+
+
+def _stage_metrics(kind: str, path: Path) -> dict[str, float]:
+    """A finished stage's own figures, named `<kind>/<figure>` (child-run metrics with a "/" stay out of the
+    results table read back from MLflow)."""
+    from harness.tracking import flatten
+
+    files = {"distributions": "stats.json", "vocab": "summary.json", "aligned": "stats.json", "fused": "stats.json",
+             "train": "train_result.json"}
+    f = path / files.get(kind, "")
+    if kind not in files or not f.is_file():
+        return {}
+    data = json.loads(f.read_text())
+    if kind == "train":
+        data = {k: data[k] for k in ("train_runtime", "tokens", "tokens_per_s", "flops_per_s", "resumed_from_step",
+                                     "steps_run") if k in data}
+    if kind == "vocab" and data.get("source_vocab"):
+        data["mapped_fraction"] = data["mapped"] / data["source_vocab"]
+    return {f"{kind}/{k}": float(v) for k, v in flatten(data).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _score_metrics(long: pd.DataFrame, model: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(suite averages and bits per byte as in the results table, every per-task metric `suite/task/metric`)."""
+    sub = long[long["model"] == model]
+    row = summarize(long, [model]).iloc[0]
+    scores = {c: float(row[c]) for c in row.index[1:] if isinstance(row[c], (int, float)) and not math.isnan(row[c])}
+    per_task = {f"{r.suite}/{r.task}/{r.metric}": float(r.value) for r in sub.itertuples()
+                if isinstance(r.value, (int, float)) and not math.isnan(r.value)}
+    return scores, per_task
+
+
+def _track_stage(r: "_Runner", name: str, seconds: float, cached: bool) -> None:
+    """Stream a finished stage to MLflow: its build time to the experiment's run, its figures to its
+    contestant's run; an evaluation logs each model's scores (to its run and, as `<model>/<score>`, to the
+    experiment's run) and ends that model's run. A tracking error is reported and the experiment goes on
+    (the summary logged at the end still fails loudly)."""
+    live = r.live
+    if live is None or name == "world":
+        return
+    try:
+        kind, _, rest = name.partition("/")
+        path = r.plan.path(name)
+        if not cached:
+            live.log_stage(name, seconds)
+        if kind == "eval":
+            long = pd.read_csv(path / "eval_long.csv")
+            for model in dict.fromkeys(long["model"]) if len(long) else []:
+                run_id = _contestant_run(live, r.cfg, model)
+                scores, per_task = _score_metrics(long, model)
+                live.log_new(run_id, {**scores, **per_task})
+                live.log_new(live.parent_run_id, {f"{model}/{k}": v for k, v in scores.items()})
+                live.logged.add(f"eval:{model}")
+                live.finish(model)
+            return
+        label = _stage_contestant(r.cfg, name)
+        if label is not None:
+            live.log_new(_contestant_run(live, r.cfg, label), _stage_metrics(kind, path))
+    except Exception as exc:
+        log.warning("MLflow: could not log stage %s as it finished (%s: %s); the run goes on", name,
+                    type(exc).__name__, exc)
+
+
+def _curve_sink(r: "_Runner", label: str):
+    """The training-curve sink of contestant `label` (`fusion.trainer.train_target(on_log=...)`), or None."""
+    if r.live is None:
+        return None
+    try:
+        _contestant_run(r.live, r.cfg, label)
+        return r.live.curve_sink(label)
+    except Exception as exc:
+        log.warning("MLflow: no live training curve for %s (%s: %s)", label, type(exc).__name__, exc)
+        return None
+
+
+def _track_result(tracker, result: ExperimentResult, cfg: ExperimentConfig, live=None) -> None:
+    """Log a finished experiment to the open run of `tracker`: one nested run per model/method (so the MLflow
+    UI compares them side by side) with its params, scores and training curve; the results tables. With
+    `live` (the runs it streamed to while the experiment ran) only what did not go out live is logged."""
     for _, row in result.results.iterrows():
         model = str(row["model"])
+        scores, per_task = _score_metrics(result.eval_long, model) if len(result.eval_long) else ({}, {})
+        scores.update({c: float(row[c]) for c in result.results.columns[2:]
+                       if isinstance(row[c], (int, float)) and not math.isnan(row[c])})
+        if live is not None:
+            run_id = _contestant_run(live, cfg, model)
+            live.log_new(run_id, {**scores, **per_task})
+            if model in result.losses and f"curve:{model}" not in live.logged:
+                tracker.log_curve("train_loss", result.losses[model], run_id=run_id)
+            live.finish(model)
+            continue
         with tracker.run(model, nested=True, tags={"fuselab.method": row["method"], "fuselab.model": model,
                                                    "fuselab.experiment": cfg.name}):
-            tracker.log_metrics({c: float(row[c]) for c in result.results.columns[2:]
-                                 if isinstance(row[c], (int, float)) and not math.isnan(row[c])})
+            tracker.log_params(contestant_params(cfg, model))
+            tracker.log_metrics({**scores, **per_task})
             if model in result.losses:
                 tracker.log_curve("train_loss", result.losses[model])
-            sub = result.eval_long[result.eval_long["model"] == model]
-            tracker.log_metrics({f"{r.suite}/{r.task}/{r.metric}": float(r.value) for r in sub.itertuples()
-                                 if isinstance(r.value, (int, float)) and not math.isnan(r.value)})
-    tracker.log_metrics(result.metrics)
-    tracker.log_metrics({f"stage_seconds/{k}": v for k, v in result.stage_timings.items()})
+    if live is not None:
+        live.log_new(live.parent_run_id, result.metrics)
+    else:
+        tracker.log_metrics(result.metrics)
+    tracker.log_metrics({f"stage_seconds/{k}": v for k, v in result.stage_timings.items()
+                         if live is None or f"stage:{k}" not in live.logged})
     tracker.log_metrics({"cache_hits": result.cache_hits, "stages_run": result.stages_run})
     for name, pts in result.losses.items():
-        tracker.log_curve(f"loss/{name}", pts)
+        if live is None or f"curve:{name.split('/')[0]}" not in live.logged:
+            tracker.log_curve(f"loss/{name}", pts)
     tracker.log_table(result.results, "results.csv")
     tracker.log_table(result.eval_long, "eval_long.csv")
     for name in ("intervals", "comparisons"):

@@ -4,8 +4,12 @@ Why a client, not MLflow's fluent API: the fluent API keeps one global active ru
 breaks when a study worker opens a trial run, the pipeline opens its own runs below it, and a second
 tracker (another store) lives in the same process (tests). Here every call names its run id.
 
-Default store: `sqlite:///<workdir>/mlflow.db`, artifacts under `<workdir>/mlartifacts`; `fuselab ui`
-(`ui_main`) serves that store.
+Store: the config's `tracking.uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<workdir>/mlflow.db` with
+artifacts under `<workdir>/mlartifacts`; `fuselab ui` (`ui_main`) serves the default store.
+
+While an experiment runs, `ExperimentRuns` streams to MLflow as stages finish: one child run per contestant
+(source, target, CLM-only, FuseLLM, ensemble, expert, merge) with its own params, created when its first
+stage finishes, its training curve logged at every Trainer logging step, ended when its evaluation is logged.
 """
 from __future__ import annotations
 
@@ -57,6 +61,54 @@ ATTR_OBJECTIVE = "fuselab.objective"  # study: {"metric": ..., "direction": ...}
 ATTR_SEARCH_SPACE = "fuselab.search_space"  # study: searched param names, in spec order
 
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations, "View run ... at") and artifact download bars off, unless
+    the user set MLFLOW_LOGGING_LEVEL / MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR; takes effect after import too."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # read when mlflow is first imported
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # and for an mlflow imported before
+
+
+class _DropNotice:
+    """A logging filter that drops records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Notices of the libraries FuseLab drives that say nothing to its user, off by default (our stage lines
+    are the progress report): MLflow's INFO lines and artifact bars (`quiet_mlflow`); DeepSpeed's
+    "Setting accelerator to CPU" warning on machines without a GPU (a filter on its logger, installed before
+    DeepSpeed is imported, since DeepSpeed resets the logger's level on import); lm-eval's two warnings on
+    every evaluation of a model passed already loaded (what the pipeline does on purpose). Imports nothing."""
+    import logging
+
+    quiet_mlflow()
+    notices = {
+        "DeepSpeed": ("Setting accelerator to CPU", "Setting ds_accelerator to"),
+        "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                       "Passed an already-initialized model through `pretrained`"),
+    }
+    for name, prefixes in notices.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(*prefixes))
+
+
+def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
+    """The store to log to: `uri` (the config's tracking.uri), else MLFLOW_TRACKING_URI, else the work dir's
+    SQLite file (`default_tracking_uri`)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -120,7 +172,7 @@ def _lock_for(uri: str, workdir: Path) -> Path:
 class Tracker:
     """Logs to one MLflow experiment of one tracking store.
 
-    `uri`: any MLflow tracking URI (`None` -> `default_tracking_uri(workdir)`); `experiment`: created on
+    `uri`: any MLflow tracking URI (`None` -> `resolve_tracking_uri`); `experiment`: created on
     first use with its artifacts under `<workdir>/mlartifacts`; `workdir`: scratch space for artifacts.
     Runs opened with `run()` form a stack: `log_*` calls go to the innermost open run unless `run_id` is
     given.
@@ -132,7 +184,8 @@ class Tracker:
 
         self.workdir = Path(workdir).expanduser().resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.uri = uri or default_tracking_uri(self.workdir)
+        quiet_mlflow()
+        self.uri = resolve_tracking_uri(uri, self.workdir)
         if not experiment or not str(experiment).strip():
             raise ValueError("Tracker: experiment name is empty (set tracking.experiment or the experiment name)")
         self.experiment_name = str(experiment)
@@ -170,13 +223,15 @@ class Tracker:
             raise RuntimeError("Tracker: no run is open; call inside `with tracker.run(...)` or pass run_id")
         return rid
 
-    def start_run(self, name: str, *, tags: dict | None = None, parent_run_id: str | None = None) -> str:
-        """Create a RUNNING run (not pushed on the stack); returns its id. `run()` is the usual way."""
+    def start_run(self, name: str, *, tags: dict | None = None, parent_run_id: str | None = None,
+                  start_time: int | None = None) -> str:
+        """Create a RUNNING run (not pushed on the stack); returns its id. `run()` is the usual way.
+        start_time: milliseconds since the epoch (default now)."""
         all_tags = {"mlflow.runName": name, "mlflow.source.name": "fuselab", "mlflow.user": _user()}
         all_tags.update({k: _tag_value(v) for k, v in (tags or {}).items()})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags, start_time=start_time)
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
@@ -358,6 +413,99 @@ class Tracker:
         if chosen != mine:  # lost a race with another host (the file lock covers this host only)
             self.client.delete_run(mine)
         return chosen
+
+
+class ExperimentRuns:
+    """The MLflow runs of one executing experiment: its (open) parent run and one child run per contestant.
+
+    `child(label, ...)` creates a contestant's run on first use, tagged `fuselab.model` / `fuselab.method`, with
+    the contestant's params; the pipeline logs each stage's outputs to it as the stage finishes, training
+    curves through `curve_sink` at every logging step, and ends it (`finish`) once its evaluation is logged.
+    `close` ends the runs still open (FAILED / KILLED when the experiment raised). Child start times strictly
+    increase in creation order, so the results table read back from MLflow keeps the pipeline's row order.
+    `logged` records what went out live ("curve:<label>", "eval:<label>", "stage:<name>"), so the summary
+    logged at the end does not repeat it.
+    """
+
+    def __init__(self, tracker: Tracker, parent_run_id: str, tags: dict | None = None):
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})
+        self.runs: dict[str, str] = {}
+        self.finished: set[str] = set()
+        self.logged: set[str] = set()
+        self._sent: dict[str, set[str]] = {}
+        self._last_start_ms = 0
+
+    def child(self, label: str, *, method: str | None = None, params: dict | None = None,
+              tags: dict | None = None) -> str:
+        """The run id of contestant `label`, created (with `params` and tags) when it does not exist yet."""
+        if label in self.runs:
+            return self.runs[label]
+        start = max(int(time.time() * 1000), self._last_start_ms + 1)
+        self._last_start_ms = start
+        all_tags = {**self.tags, "fuselab.model": label, **(tags or {})}
+        if method is not None:
+            all_tags["fuselab.method"] = method
+        run_id = self.tracker.start_run(label, tags=all_tags, parent_run_id=self.parent_run_id, start_time=start)
+        self.runs[label] = run_id
+        if params:
+            self.tracker.log_params(params, run_id=run_id)
+        return run_id
+
+    def log_new(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Scalar metrics not yet sent to `run_id` by this object (a value logged live is not repeated by the
+        summary at the end)."""
+        sent = self._sent.setdefault(run_id, set())
+        fresh = {k: v for k, v in metrics.items() if k not in sent and v is not None}
+        if fresh:
+            self.tracker.log_metrics(fresh, run_id=run_id)
+            sent.update(fresh)
+
+    def finish(self, label: str, status: str = "FINISHED") -> None:
+        if label in self.runs and label not in self.finished:
+            self.finished.add(label)
+            self.tracker.end_run(self.runs[label], status)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End every child run still open with `status`."""
+        for label in list(self.runs):
+            with contextlib.suppress(Exception):  # closing must not hide the error that made us close
+                self.finish(label, status)
+
+    def log_stage(self, stage: str, seconds: float, metrics: dict[str, float] | None = None,
+                  label: str | None = None) -> None:
+        """A finished stage: `stage_seconds/<stage>` on the parent run; `metrics` (e.g. its statistics) on the
+        child run of contestant `label` (which must exist), else on the parent."""
+        self.log_new(self.parent_run_id, {f"stage_seconds/{stage}": seconds})
+        self.logged.add(f"stage:{stage}")
+        if metrics:
+            self.log_new(self.runs[label] if label else self.parent_run_id, metrics)
+
+    def curve_sink(self, label: str):
+        """A `fusion.trainer.train_target(on_log=...)` sink for contestant `label`'s training: at every logging
+        step the child run gets `train_loss`, `train_clm_loss`, `train_fusion_loss` (nats per token),
+        `train/learning_rate` and `train/grad_norm`; the parent gets `loss/<label>`, `loss/<label>/clm_loss`
+        and `loss/<label>/fusion_loss` (the curves the report draws)."""
+        run_id = self.runs[label]
+
+        def sink(step: int, logs: dict) -> None:
+            if "loss" not in logs:
+                return  # the end-of-training summary: the stage's own outputs are logged when it finishes
+            mine = {"train_loss": logs["loss"]}
+            parent = {f"loss/{label}": logs["loss"]}
+            for term in ("clm_loss", "fusion_loss"):
+                if term in logs:
+                    mine[f"train_{term}"] = logs[term]
+                    parent[f"loss/{label}/{term}"] = logs[term]
+            for extra in ("learning_rate", "grad_norm"):
+                if isinstance(logs.get(extra), (int, float)):
+                    mine[f"train/{extra}"] = logs[extra]
+            self.tracker.log_metrics(mine, step=step, run_id=run_id)
+            self.tracker.log_metrics(parent, step=step, run_id=self.parent_run_id)
+            self.logged.add(f"curve:{label}")
+
+        return sink
 
 
 def _user() -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -141,11 +142,13 @@ class _DeadTrialHandler:
         self.retry(study, trial)
 
 
-def run_pipeline(cfg: ExperimentConfig, *, tracker: Tracker, parent_run_id: str, trial: optuna.Trial):
-    """The default objective: the real pipeline; its runs nest under the trial's run."""
+def run_pipeline(cfg: ExperimentConfig, *, tracker: Tracker, parent_run_id: str, trial: optuna.Trial,
+                 progress: bool | str = False):
+    """The default objective: the real pipeline; its runs nest under the trial's run. progress: as
+    `harness.pipeline.run_experiment`'s ("stages": one line per stage)."""
     from harness.pipeline import run_experiment
 
-    return run_experiment(cfg, tracker=tracker, parent_run_id=parent_run_id, progress=False)
+    return run_experiment(cfg, tracker=tracker, parent_run_id=parent_run_id, progress=progress)
 
 
 def setting_label(params: dict[str, Any]) -> str:
@@ -163,6 +166,7 @@ class Objective:
         self.objective_fn = objective_fn
         self.worker_id = worker_id
         self.progress = progress
+        self.started: list[int] = []  # trial numbers this process ran
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -185,8 +189,10 @@ class Objective:
         trial.set_user_attr(ATTR_WORKER, self.worker_id)
         tags = {TAG_ROLE: "trial", TAG_STUDY: self.spec.study_name, "fuselab.trial": trial.number,
                 "fuselab.setting": setting, "fuselab.worker": self.worker_id}
+        self.started.append(trial.number)
         if self.progress:
             print(f"[{self.spec.study_name}] trial {trial.number}: {setting}, seeds {seeds}", flush=True)
+        began = time.monotonic()
         pruned: optuna.TrialPruned | None = None
         try:
             with self.tracker.run(f"trial {trial.number}", parent_run_id=self.parent_run_id, tags=tags) as run:
@@ -209,7 +215,13 @@ class Objective:
                 print(f"[{self.spec.study_name}] trial {trial.number} failed: {type(exc).__name__}: {exc}", flush=True)
             raise
         if pruned is not None:
+            if self.progress:
+                print(f"[{self.spec.study_name}] trial {trial.number} pruned after {time.monotonic() - began:.0f} s: "
+                      f"{pruned}", flush=True)
             raise pruned
+        if self.progress:
+            print(f"[{self.spec.study_name}] trial {trial.number}: {self.spec.objective.metric} = {value:.4g} in "
+                  f"{time.monotonic() - began:.0f} s; {_running_best(trial.study, trial.number, value)}", flush=True)
         return value
 
     def _run_seeds(self, trial: optuna.Trial, params: dict, seeds: list[int], run_id: str) -> float:
@@ -240,6 +252,58 @@ class Objective:
         value = means[metric]
         self.tracker.log_metrics({"objective": value}, run_id=run_id)
         return value
+
+
+def _better(direction: str, a: float, b: float) -> bool:
+    return a > b if direction == "maximize" else a < b
+
+
+def _running_best(study: optuna.Study, number: int, value: float) -> str:
+    """'best so far 0.2778 (trial 1)': over the study's complete trials (every worker's) and this one."""
+    direction = study.direction.name.lower()
+    best_n, best_v = number, value
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != number and t.value is not None and _better(direction, t.value, best_v):
+            best_n, best_v = t.number, t.value
+    return f"best so far {best_v:.4g} (trial {best_n}{', this one' if best_n == number else ''})"
+
+
+def study_summary(spec: StudySpec, study: optuna.Study, ran_here: list[int] | None = None) -> str:
+    """One line on where a study stands, counting trials by what happened to them (a queued grid point is
+    not a trial that ran), e.g. `study s: 4 trials ran here (3 complete, 1 failed); 4 of 8 grid points done,
+    4 waiting; best micro = 0.2778 (trial 1: fusion.fusion=mince)`."""
+    trials = study.get_trials(deepcopy=False)
+
+    def counts(ts) -> str:
+        names = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
+                 TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+        parts = [f"{sum(t.state == st for t in ts)} {name}" for st, name in names.items()
+                 if any(t.state == st for t in ts)]
+        return ", ".join(parts) or "none"
+
+    parts = []
+    if ran_here is not None:
+        mine = [t for t in trials if t.number in set(ran_here)]
+        parts.append(f"{len(mine)} trial{'s' if len(mine) != 1 else ''} ran here ({counts(mine)})")
+    finished = [t for t in trials if t.state.is_finished()]
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    if spec.sampler == "grid":
+        # a retried point (dead worker) adds a trial: count the points whose last attempt finished
+        size = study.user_attrs.get(ATTR_GRID_SIZE, len(spec.grid()))
+        parts.append(f"{size - waiting - running} of {size} grid points done, {waiting} waiting, {running} running")
+    else:
+        parts.append(f"{sum(_counted(t) for t in finished)} of {spec.n_trials} trials done, {running} running")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if complete:
+        direction = study.direction.name.lower()
+        best = complete[0]
+        for t in complete[1:]:
+            if _better(direction, t.value, best.value):
+                best = t
+        parts.append(f"best {spec.objective.metric} = {best.value:.4g} (trial {best.number}: "
+                     f"{best.user_attrs.get(ATTR_SETTING, 'base')})")
+    return f"study {spec.study_name}: " + "; ".join(parts)
 
 
 def _requeue(trial: optuna.Trial, max_retries: int) -> None:
@@ -337,7 +401,7 @@ def study_finished(spec: StudySpec, study: optuna.Study) -> bool:
 
 def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = (), n_trials: int | None = None,
               storage: str | None = None, worker_id: str | None = None, *,
-              objective_fn: ObjectiveFn | None = None, progress: bool = True, wait_for_others: bool = True,
+              objective_fn: ObjectiveFn | None = None, progress: bool | str = True, wait_for_others: bool = True,
               report: bool = True) -> optuna.Study:
     """Run (or join, or resume) the study of `spec_path`; returns the Optuna study.
 
@@ -349,6 +413,8 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     `wait_for_others`: when nothing is left to start, wait while other workers' trials run (a dead
     worker's trial is detected after the grace period and re-run here). When the study is complete,
     the parent MLflow run is ended FINISHED and (`report`) the ablation report is logged to it.
+    `progress`: True prints each trial's start, its score with the running best, one line per pipeline stage
+    and a closing `study_summary`; "trials" the same without the stage lines; False nothing.
     """
     spec = load_spec(spec_path, overrides)
     if storage:
@@ -368,7 +434,9 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
                         "study.objective": spec.objective.metric, "study.direction": spec.objective.direction,
                         **{f"study.space.{k}": str(v.model_dump()) for k, v in spec.search_space.items()}},
                        run_id=parent)
-    objective = Objective(spec, tracker, parent, objective_fn or run_pipeline, worker_id, progress)
+    if objective_fn is None:  # each trial's pipeline: one line per stage in a talkative study
+        objective_fn = functools.partial(run_pipeline, progress="stages" if progress is True else False)
+    objective = Objective(spec, tracker, parent, objective_fn, worker_id, bool(progress))
 
     ran = 0
     while n_trials is None or ran < n_trials:
@@ -390,6 +458,8 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
         with file_lock(workdir / f".study-{spec.study_name}.lock"):
             if tracker.client.get_run(parent).info.status == "RUNNING":
                 _close_study_run(spec, study, tracker, parent, report, workdir)
+    if progress:
+        print(study_summary(spec, study, objective.started), flush=True)
     return study
 
 
@@ -433,11 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", default=None, help=argparse.SUPPRESS)  # module:function, for tests
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    study = run_study(args.spec, args.override, n_trials=args.n_trials, storage=args.storage,
-                      worker_id=args.worker_id, objective_fn=load_objective(args.objective) if args.objective else None,
-                      progress=not args.quiet)
-    done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-    print(f"study {study.study_name}: {done} complete trials")
+    run_study(args.spec, args.override, n_trials=args.n_trials, storage=args.storage, worker_id=args.worker_id,
+              objective_fn=load_objective(args.objective) if args.objective else None,
+              progress="trials" if args.quiet else True)
     return 0
 
 

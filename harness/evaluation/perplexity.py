@@ -81,7 +81,8 @@ def _domain_rows(domain: str, nll: float, n_tokens: int, n_bytes: int) -> dict:
 
 
 def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]], *, window: int = 256,
-                         stride: int = 128, batch_size: int = 8, per_document: bool = False):
+                         stride: int = 128, batch_size: int = 8, per_document: bool = False,
+                         progress: bool | str = False):
     """Score held-out texts per domain with an HF causal LM.
 
     Returns one row per domain: domain, n_tokens (scored tokens), n_bytes (utf-8 bytes of the texts),
@@ -90,6 +91,7 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
     window/stride are in tokens; batch_size is windows per forward pass and does not change the result.
     per_document=True returns (that frame, one row per text: domain, doc (its index in the domain's list),
     n_tokens, n_bytes, nll_nats): the units bootstrap intervals and paired tests of bits per byte resample.
+    progress: a bar over the windows (a string names it, e.g. the model's label).
     """
     max_positions = _model_max_positions(model)
     if max_positions is not None and window > max_positions:
@@ -101,6 +103,9 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
     context = _context_token(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (context or 0)
     rows, doc_rows = [], []
+    bar = _bar(progress, lambda: sum(
+        len(sliding_windows(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + (context is not None),
+                            window, stride)) for texts in texts_by_domain.values() for t in texts))
     for domain, texts in texts_by_domain.items():
         jobs: list[tuple[list[int], int, int]] = []  # (window ids, first scored offset, document)
         n_tokens = n_bytes = 0
@@ -117,36 +122,63 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start: start + batch_size]
             sums.extend(_window_nll(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id, device))
+            if bar is not None:
+                bar.update(len(chunk))
         per_doc: dict[int, list[float]] = {}
         for (_, _, doc), value in zip(jobs, sums):
             per_doc.setdefault(doc, []).append(value)
         for row in doc_rows[len(doc_rows) - len(texts):]:
             row["nll_nats"] = math.fsum(per_doc.get(row["doc"], []))
         rows.append(_domain_rows(domain, math.fsum(sums), n_tokens, n_bytes))
+    if bar is not None:
+        bar.close()
     out = pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
                                       "bits_per_byte"])
     return (out, pd.DataFrame(doc_rows, columns=DOC_COLUMNS)) if per_document else out
 
 
+def _bar(progress: bool | str, total):
+    """A progress bar over windows named "perplexity <progress>" (or just "perplexity"), None when `progress`
+    is off; `total()` counts the windows (only called when there is a bar)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    name = f"perplexity {progress}" if isinstance(progress, str) else "perplexity"
+    return tqdm(total=total(), desc=name, unit="window", leave=False)
+
+
 def lm_perplexity_by_domain(lm, texts_by_domain: dict[str, list[str]], *, window: int = 256,
-                            stride: int = 128, per_document: bool = False):
+                            stride: int = 128, per_document: bool = False, progress: bool | str = False):
     """perplexity_by_domain for a model that scores text itself on a pivot tokenization (the output ensemble:
     baselines.ensemble.EnsembleLM.windowed_nll), with the same windows, the same first-token convention and
     the same columns (and the same per-document frame with per_document=True); token_perplexity is per pivot
-    token."""
+    token. progress: a bar over the windows (a string names it)."""
     rows, doc_rows = [], []
+
+    def n_windows(text: str) -> int:
+        # positions: the pivot's context token + its tokens of the text
+        return len(sliding_windows(len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"]) + 1,
+                                   window, stride))
+
+    bar = _bar(progress, lambda: sum(n_windows(t) for texts in texts_by_domain.values() for t in texts))
     for domain, texts in texts_by_domain.items():
         sums, n_tokens, n_bytes = [], 0, 0
         for doc, text in enumerate(texts):
             # positions: the pivot's context token + its tokens of the text
             n_text = len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"])
-            nll, n = lm.windowed_nll(text, sliding_windows(n_text + 1, window, stride))
+            windows = sliding_windows(n_text + 1, window, stride)
+            nll, n = lm.windowed_nll(text, windows)
+            if bar is not None:
+                bar.update(len(windows))
             sums.append(nll)
             n_tokens += n
             n_bytes += len(text.encode("utf-8"))
             doc_rows.append({"domain": domain, "doc": doc, "n_tokens": n, "n_bytes": len(text.encode("utf-8")),
                              "nll_nats": float(nll)})
         rows.append(_domain_rows(domain, math.fsum(sums), n_tokens, n_bytes))
+    if bar is not None:
+        bar.close()
     out = pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
                                       "bits_per_byte"])
     return (out, pd.DataFrame(doc_rows, columns=DOC_COLUMNS)) if per_document else out
