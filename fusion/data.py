@@ -113,8 +113,11 @@ def _token_starts(tokenizer, text: str, bounds: list[int]) -> list[int] | None:
 
 
 def _split(text: str, tokenizers: list, counters: list, budget: int, level: int) -> list[str]:
+    """Pieces of `text`, which does not fit as a whole, cut at the units of `level` (or finer)."""
     units = _units(text, level)
     n = len(units)
+    if n == 1 and level < 2:  # one unit that does not fit (a single line, a single word): cut it finer
+        return _split(text, tokenizers, counters, budget, level + 1)
     bounds = [0]  # bounds[k]: character offset where unit k starts (bounds[n] == len(text))
     for unit in units:
         bounds.append(bounds[-1] + len(unit))
