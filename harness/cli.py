@@ -39,6 +39,10 @@ def cmd_plan(args) -> int:
     if est is not None:
         print("\nestimates:")
         print(_format_estimate(est))
+    from harness.pipeline import check_evaluation
+
+    for line in check_evaluation(cfg):  # `fuselab run` stops at these before any stage
+        print(f"fuselab: problem: {line}", file=sys.stderr)
     return 0
 
 

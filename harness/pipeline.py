@@ -102,7 +102,7 @@ def check_evaluation(cfg: ExperimentConfig) -> list[str]:
             resolve_suite_data(suite, data_dir, languages)
         except DataUnavailableError as exc:
             lines = str(exc).splitlines()
-            lacks = " ".join(line for line in lines[1:] if " lacks " in line)
+            lacks = " ".join(line.split(": ")[0] + "." for line in lines[1:] if " lacks " in line)
             problems.append(f"evaluation.suites: {suite}: {lines[0]}{' ' + lacks if lacks else ''} Set "
                             f"evaluation.data_dir (or FUSELAB_DATA) to a folder holding its files (listed in "
                             f"harness/evaluation/data.py).")

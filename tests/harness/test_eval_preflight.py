@@ -76,3 +76,20 @@ def test_evaluate_refuses_multipl_e_without_a_jail_before_loading_the_model(shar
     with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
         evaluate(tmp_path / "no-model", ["multipl_e"], EvalSettings(multipl_e_languages=("python",)),
                  data_dir=shared_data)
+
+
+def test_plan_prints_the_problem(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("FUSELAB_DATA", None)
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "plan", str(QUICKSTART), f"workdir={tmp_path / 'w'}",
+                           "evaluation.suites=[micro, commonsense]", f"evaluation.data_dir={empty}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    problems = [line for line in proc.stderr.splitlines() if line.startswith("fuselab: problem: ")]
+    assert len(problems) == 1 and "evaluation.suites: commonsense: no data" in problems[0]
