@@ -228,7 +228,7 @@ def primary_scores(eval_long: pd.DataFrame) -> pd.DataFrame:
     levels = ev["level"] if "level" in ev.columns else pd.Series(None, index=ev.index, dtype=object)
     is_group = [lvl == "group" if isinstance(lvl, str) else _is_group_row(row)
                 for lvl, (_, row) in zip(levels, ev.iterrows())]
-    ev = ev[[not g for g in is_group]]
+    ev = ev.loc[[not g for g in is_group]]  # .loc: an empty list keeps the columns (perplexity-only runs)
     picked = []
     for _, g in ev.groupby(["model", "suite", "task"], sort=False):
         flags = g["primary"].map(lambda v: str(v) in ("True", "1", "1.0")) if "primary" in g.columns else None
