@@ -120,7 +120,8 @@ def accepted_positions(target: TokenizedText, source: TokenizedText, alignment: 
 
 def _lacks_leading_marker(target: TokenizedText, source: TokenizedText, s: int) -> bool:
     """The reference's position-0 condition: the target token starts with the target's word-boundary marker and
-    the source token does not start with the source's (a source without a marker never does)."""
+    the source token, spelled with the target's marker in place of its own, does not."""
     if not target.marker or not target.tokens[0].startswith(target.marker):
         return False
-    return not (source.marker and source.tokens[s].startswith(source.marker))
+    spelled = source.tokens[s].replace(source.marker, target.marker) if source.marker else source.tokens[s]
+    return not spelled.startswith(target.marker)

@@ -136,8 +136,9 @@ def _special_ids(tokenizer) -> set[int]:
 
 def _present_ids(tokenizer) -> np.ndarray:
     """bool [len(tokenizer)]: the ids that are tokens (gaps in a hand-edited vocabulary are not)."""
-    present = np.zeros(len(tokenizer), dtype=bool)
-    ids = np.fromiter((i for i in tokenizer.get_vocab().values() if 0 <= i < len(tokenizer)), dtype=np.int64)
+    size = len(tokenizer)  # not in the loop: len() of a transformers tokenizer is far from free
+    present = np.zeros(size, dtype=bool)
+    ids = np.fromiter((i for i in tokenizer.get_vocab().values() if 0 <= i < size), dtype=np.int64)
     present[ids] = True
     return present
 
