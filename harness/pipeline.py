@@ -1112,8 +1112,9 @@ def _stage_metrics(kind: str, path: Path) -> dict[str, float]:
         return {}
     data = json.loads(f.read_text())
     if kind == "train":
-        data = {k: data[k] for k in ("train_runtime", "tokens", "tokens_per_s", "flops_per_s", "resumed_from_step",
-                                     "steps_run") if k in data}
+        data = {"runtime_s" if k == "train_runtime" else k: data[k]
+                for k in ("train_runtime", "tokens", "tokens_per_s", "flops_per_s", "resumed_from_step", "steps_run")
+                if k in data}
     if kind == "vocab" and data.get("source_vocab"):
         data["mapped_fraction"] = data["mapped"] / data["source_vocab"]
     return {f"{kind}/{k}": float(v) for k, v in flatten(data).items()
