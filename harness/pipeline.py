@@ -1061,8 +1061,9 @@ def contestant_params(cfg: ExperimentConfig, model: str) -> dict[str, Any]:
     params: dict[str, Any] = {"method": method, "seed": cfg.seed, "target": cfg.target.label}
     training = cfg.training.model_dump(mode="json")
     if method in ("source", "target"):
-        spec = cfg.model_by_label(model)
-        params["model"] = {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
+        spec = next((s for s in [cfg.target, *cfg.sources] if s.label == model), None)
+        if spec is not None:  # a results table from elsewhere may name models this config does not have
+            params["model"] = {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
     elif model == "fusellm":
         params.update(lam=cfg.fusion.lam, fusion=cfg.fusion.model_dump(mode="json"), training=training)
     elif model == "clm":
