@@ -1,4 +1,4 @@
-"""`fuselab` command line: plan, run, study, report, ui, train, world.
+"""`fuselab` command line: plan, run, verify, study, report, ui, train, world.
 
 Configuration errors print one line naming the file and field, and exit with status 2.
 """
@@ -19,10 +19,11 @@ def _config(args):
 
 
 def cmd_plan(args) -> int:
-    from harness.pipeline import build_plan
+    from harness.pipeline import build_plan, check_models
 
     cfg = _config(args)
     plan = build_plan(cfg)
+    problems = check_models(cfg, plan.hashes)
     table = plan.table()
     try:
         from harness.estimate import estimate
@@ -41,7 +42,7 @@ def cmd_plan(args) -> int:
         print(_format_estimate(est))
     from harness.pipeline import check_evaluation
 
-    for line in check_evaluation(cfg):  # `fuselab run` stops at these before any stage
+    for line in [*check_evaluation(cfg), *problems]:  # `fuselab run` stops at these before any stage
         print(f"fuselab: problem: {line}", file=sys.stderr)
     return 0
 
@@ -90,6 +91,39 @@ def cmd_run(args) -> int:
         else:
             print(result.results.to_string(index=False))
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Check cached stages against their manifests by content (sha256 of every file); remove the corrupt ones
+    (unless --report-only) so that `fuselab run` rebuilds them. Exit 1 when any stage was corrupt."""
+    from harness.cache import StageCache
+
+    if args.all:
+        wd = Path(os.environ.get("FUSELAB_WORKDIR", args.workdir)).expanduser().resolve()
+        cache = StageCache(wd / "cache")
+        named = [(str(k), k) for k in cache.stage_keys()]
+    else:
+        from harness.pipeline import build_plan
+
+        plan = build_plan(_config(args))
+        cache = plan.cache
+        named = [(st.name, st.key) for st in plan.stages.values() if st.kind != "world"]
+    counts = {"ok": 0, "corrupt": 0, "unverified": 0, "missing": 0}
+    for name, key in named:
+        st = cache.status(key, full=True)
+        counts[st.state] += 1
+        if st.state == "ok":
+            print(f"  ok          {name:<34} {key.key}")
+        elif st.state == "unverified":
+            print(f"  unverified  {name:<34} {key.key} (built before manifests; remove it to rebuild it verified)")
+        elif st.state == "corrupt":
+            fate = "kept (--report-only)" if args.report_only else "removed: `fuselab run` rebuilds it"
+            print(f"  CORRUPT     {name:<34} {key.key}: {'; '.join(st.problems)}; {fate}")
+            if not args.report_only:
+                cache.discard(key)
+    print(f"{counts['ok']} ok, {counts['corrupt']} corrupt, {counts['unverified']} unverified, "
+          f"{counts['missing']} not built; cache {cache.root}")
+    return 1 if counts["corrupt"] else 0
 
 
 def cmd_study(args) -> int:
@@ -150,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="processes for distribution extraction (torchrun; one per GPU with runtime.device cuda); "
                          "same as runtime.extraction_nproc=N")
     sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("verify", help="check cached stages by content hash; remove corrupt ones so `run` rebuilds them")
+    with_config(sp)
+    sp.add_argument("--all", action="store_true", help="every stage in the work dir's cache, not one config's")
+    sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"), help="with --all")
+    sp.add_argument("--report-only", action="store_true", help="do not remove corrupt stages")
+    sp.set_defaults(fn=cmd_verify)
     sp = sub.add_parser("study", help="run (or resume / join) an Optuna study")
     sp.add_argument("spec")
     sp.add_argument("overrides", nargs="*")
@@ -190,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     from harness.tracking import quiet_third_party
 
     quiet_third_party()  # before any library is imported: their notices would drown our progress lines
+    from harness.cache import CorruptStageError
     from harness.config import ConfigError
     from harness.corpus import CorpusError
     from harness.models import ModelLoadError
 
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, CorpusError, ModelLoadError) as exc:
+    except (ConfigError, CorpusError, ModelLoadError, CorruptStageError) as exc:
         print(f"fuselab: error: {exc}", file=sys.stderr)
         return 2
 

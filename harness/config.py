@@ -342,6 +342,12 @@ class ExperimentConfig(_Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"sources: names must be unique, repeated: {', '.join(dup)} (set sources.N.name)")
+        for i, s in enumerate(self.sources):
+            # the pipeline loads a model by its name: a source named like the target *is* the target
+            if s.label == self.target.label and (s.ref, s.revision, s.dtype) != (
+                    self.target.ref, self.target.revision, self.target.dtype):
+                raise ValueError(f"sources.{i}: named like the target ({s.label}) but with another ref, revision or "
+                                 f"dtype; give it the target's spec or another name (sources.{i}.name)")
         uses_micro = any(m.ref.startswith("micro:") for m in [self.target, *self.sources])
         if (uses_micro or self.corpus.kind == "micro") and self.world is None:
             raise ValueError("world: micro:* models or a micro corpus need `world: {kind: micro}`")

@@ -194,9 +194,13 @@ def _prepare(cfg, progress: bool):
 
     Mirrors the first half of harness.pipeline's execution, through the same runner and cache.
     """
-    from harness.pipeline import _Runner, build_plan
+    from harness.models import ModelLoadError
+    from harness.pipeline import _Runner, build_plan, check_models
 
     plan = build_plan(cfg)
+    problems = check_models(cfg, plan.hashes)
+    if problems:  # before any stage runs, one line per problem naming the model
+        raise ModelLoadError("\n".join(problems))
     plan.cache.clean_stale()
     r = _Runner(plan, progress)
     _ = r.world
@@ -240,25 +244,33 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
                 print(f"  [cached] {stage}")
             continue
         st = plan.stages[stage]
-        job_dir = launch_root / f"{stage.replace('/', '-')}-{st.key.key}"
-        if dataset is None:
-            dataset = job_dir / "dataset"
-            if dataset.exists():
-                shutil.rmtree(dataset)
-            runner.clm_dataset(rows).save_to_disk(str(dataset))
-        job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
-                        settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature,
-                        loss_positions=cfg.fusion.loss_positions)
-        if progress:
-            print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
-                  f"log {job.parent / 'launch.log'}", flush=True)
-        result = run_job(job, launcher, nproc, timeout_s=timeout_s)
-        with plan.cache.atomic_dir(st.key, meta={"stage": stage, "settings": st.settings,
-                                                 "launcher": launcher, "nproc": nproc}) as tmp:
-            shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
-            shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
-        if progress:
-            print(f"           {stage} done in {result['launch_seconds']:.1f} s", flush=True)
+        # one build per stage key across concurrent runs (the other waits, then finds it cached)
+        with plan.cache.lock(st.key):
+            if plan.cached(stage):
+                continue
+            if plan.cache.exists(st.key):  # complete but failing its manifest check: replace it
+                plan.cache.discard(st.key)
+            job_dir = launch_root / f"{stage.replace('/', '-')}-{st.key.key}"
+            if dataset is None:
+                dataset = job_dir / "dataset"
+                if dataset.exists():
+                    shutil.rmtree(dataset)
+                runner.clm_dataset(rows).save_to_disk(str(dataset))
+            job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
+                            settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature,
+                            loss_positions=cfg.fusion.loss_positions)
+            if progress:
+                print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
+                      f"log {job.parent / 'launch.log'}", flush=True)
+            result = run_job(job, launcher, nproc, timeout_s=timeout_s)
+            inputs = {str(plan.stages[i].key): plan.cache.digest(plan.stages[i].key)
+                      for i in st.inputs if plan.stages[i].kind != "world"}
+            with plan.cache.atomic_dir(st.key, meta={"stage": stage, "settings": st.settings,
+                                                     "launcher": launcher, "nproc": nproc}, inputs=inputs) as tmp:
+                shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
+                shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
+            if progress:
+                print(f"           {stage} done in {result['launch_seconds']:.1f} s", flush=True)
     return 0
 
 

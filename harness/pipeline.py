@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from harness.cache import StageCache, StageKey
+from harness.cache import HASHES, FileHashes, StageCache, StageKey
 from harness.config import ExperimentConfig, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,18 @@ class Plan:
     cache: StageCache
     stages: dict[str, Stage]
     world_key: StageKey | None
+    hashes: FileHashes | None = None  # content hashes of model / corpus / data files, by file version
 
     def cached(self, name: str) -> bool:
+        """Built, and its files have the sizes its manifest records (a truncated stage is not cached)."""
         st = self.stages[name]
         if st.kind == "world":
             return self.cache.path(st.key).is_dir()
-        return self.cache.exists(st.key)
+        return self.cache.status(st.key).usable
+
+    def dependents(self, name: str) -> list[str]:
+        """Stages that read `name` directly."""
+        return [n for n, st in self.stages.items() if name in st.inputs]
 
     def path(self, name: str) -> Path:
         return self.cache.path(self.stages[name].key)
@@ -63,22 +69,56 @@ class Plan:
         return pd.DataFrame(rows)
 
 
+# Files in stage folders that record how a build went (seconds, throughput, where it ran, the Trainer's pickled
+# arguments with its temporary output path), not what it computed: left out of the content digest that
+# dependents record, so an identical rebuild keeps its dependents (harness.cache.build_manifest).
+VOLATILE_FILES = ("stats.json", "train_result.json", "runtime.json", "training_args.bin")
+
+
 def workdir(cfg: ExperimentConfig) -> Path:
     return Path(os.environ.get("FUSELAB_WORKDIR", cfg.workdir)).expanduser().resolve()
 
 
-def _model_identity(spec: ModelSpec, world_key: StageKey | None) -> dict:
+def _model_identity(spec: ModelSpec, world_key: StageKey | None, hashes: FileHashes | None = None) -> dict:
+    """A model's content identity (weights, tokenizer, dtype): see harness.models.identity."""
     from harness import models
-    from harness.config import looks_local
 
-    if spec.ref.startswith("micro:"):
-        return {"micro": str(world_key), "name": spec.ref, "dtype": spec.dtype}
-    if looks_local(spec.ref) and not spec.ref.endswith(".gguf"):
-        return {"local": models.fingerprint(spec, str(Path(spec.ref).expanduser())), "dtype": spec.dtype}
-    if spec.ref.endswith(".gguf"):
-        p = Path(spec.ref).expanduser()
-        return {"gguf": p.name, "size": p.stat().st_size if p.exists() else None, "dtype": spec.dtype}
-    return {"ref": spec.ref, "revision": spec.revision, "dtype": spec.dtype}
+    return models.identity(spec, world_key=world_key, hashes=hashes)
+
+
+def _files_identity(paths: list[str], hashes: FileHashes) -> list[str | None]:
+    """sha256 of each input file (None for a missing one: the run's own check names it)."""
+    out = []
+    for p in paths:
+        f = Path(p).expanduser()
+        out.append(hashes.sha256(f) if f.is_file() else None)
+    return out
+
+
+def _tree_identity(root: Path, hashes: FileHashes) -> str:
+    """Digest of every file under `root` (relative path + sha256), e.g. a local evaluation-data folder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            h.update(f"{f.relative_to(root).as_posix()}:{hashes.sha256(f)}\n".encode())
+        except FileNotFoundError:  # removed while we walked: not part of the data any more
+            continue
+    return h.hexdigest()[:16]
+
+
+def check_models(cfg: ExperimentConfig, hashes: FileHashes | None = None) -> list[str]:
+    """One line per problem with the target or a source (harness.models.check_model), before any stage runs."""
+    from harness.models import check_model
+
+    problems: list[str] = []
+    seen = set()
+    for spec in [cfg.target, *cfg.sources]:
+        if spec.label not in seen:
+            seen.add(spec.label)
+            problems += check_model(spec, hashes=hashes)
+    return problems
 
 
 def check_evaluation(cfg: ExperimentConfig) -> list[str]:
@@ -129,6 +169,7 @@ def world_stage_key(seed: int) -> StageKey:
 
 def build_plan(cfg: ExperimentConfig) -> Plan:
     cache = StageCache(workdir(cfg) / "cache")
+    hashes = FileHashes(cache.root / HASHES)
     stages: dict[str, Stage] = {}
 
     numerics = _runtime_key_settings(cfg)
@@ -145,10 +186,17 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         shared = os.environ.get("FUSELAB_WORLD_CACHE")  # one world shared by several work dirs (tests, studies)
         if shared:
             cache.redirect(world_key, Path(shared).expanduser().resolve() / world_key.key)
-    ident = {s.label: _model_identity(s, world_key) for s in [cfg.target, *cfg.sources]}
+    # the target last: a source named like the target is the target (the runner loads it by that name)
+    ident = {s.label: _model_identity(s, world_key, hashes) for s in [*cfg.sources, cfg.target]}
+    # what tokenizes: the corpus split and the vocabulary maps depend on the tokenizers, not on the weights
+    tok_ident = {label: {"kind": v["kind"], "tokenizer": v["tokenizer"]} for label, v in ident.items()}
     world_in = ["world"] if world_key else []
-    add("corpus", "corpus", {"corpus": cfg.corpus.model_dump(mode="json"), "block_size": cfg.training.block_size,
-                             "tokenizers": sorted(json.dumps(v, sort_keys=True) for v in ident.values())}, world_in)
+    corpus_settings = {"corpus": cfg.corpus.model_dump(mode="json"), "block_size": cfg.training.block_size,
+                       "tokenizers": sorted(json.dumps(v, sort_keys=True) for v in tok_ident.values())}
+    if cfg.corpus.kind != "micro":  # the micro world brings its own split (keyed by the world)
+        corpus_settings["seed"] = cfg.seed  # the train/validation shuffle
+        corpus_settings["files"] = _files_identity(cfg.corpus.paths, hashes)
+    add("corpus", "corpus", corpus_settings, world_in)
     f = cfg.fusion
     models = [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]
     for spec in models:
@@ -159,7 +207,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         if spec.label == cfg.target.label:
             continue  # the target is a candidate as itself (no alignment)
         # "bytes": byte tokens compared as bytes since this version (they all collapsed into U+FFFD before)
-        add(f"vocab/{spec.label}", "vocab", {"source": ident[spec.label], "target": ident[cfg.target.label],
+        add(f"vocab/{spec.label}", "vocab", {"source": tok_ident[spec.label], "target": tok_ident[cfg.target.label],
                                              "method": f.vocab_map, **f.vocab_options(), "bytes": 1}, world_in)
         add(f"aligned/{spec.label}", "aligned",
             {"alignment": f.alignment, "fallback": f.fallback_onehot, "duplicates": f.duplicate_ids,
@@ -184,6 +232,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     # "units": the stage also keeps per-item and per-document scores (intervals, paired tests) since version 1
     ev = {"units": 1, "suites": cfg.evaluation.suites, "settings": cfg.evaluation.settings.model_dump(mode="json"),
           "perplexity": cfg.evaluation.perplexity.model_dump(mode="json"), "data_dir": cfg.evaluation.data_dir}
+    data_root = cfg.evaluation.data_dir or os.environ.get("FUSELAB_DATA")
+    if cfg.evaluation.suites and data_root and Path(data_root).expanduser().is_dir():
+        ev["data"] = _tree_identity(Path(data_root).expanduser(), hashes)  # the task data's content
     for name in evaluated_models(cfg):
         inputs = ["corpus"] + _model_stage(cfg, name)
         settings = {**ev, "model": name, "ident": ident.get(name) or ident.get(name.split(":")[0])}
@@ -196,7 +247,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
                                     "members": {m: ident[m] for m in members},
                                     "alignment": cfg.fusion.alignment, "vocab_map": cfg.fusion.vocab_map}
         add(f"eval/{name}", "eval", settings, inputs + world_in)
-    return Plan(cfg, cache, stages, world_key)
+    return Plan(cfg, cache, stages, world_key, hashes)
 
 
 def _runtime_key_settings(cfg: ExperimentConfig) -> Callable[[str], dict]:
@@ -295,21 +346,48 @@ class _Runner:
         if self.lines:
             print(msg, flush=True)
 
+    def _full_check(self, name: str) -> bool:
+        # content hashes for what a report is made from (evaluation results) and for every stage a build is
+        # about to read; sizes only for the rest (a cached stage read by cached stages only)
+        return name.startswith("eval/") or any(not self.plan.cached(d) for d in self.plan.dependents(name))
+
+    def _hit(self, name: str) -> Path:
+        self.hits += 1
+        self.say(f"  [cached] {name:<34} {self.plan.stages[name].key.key}")
+        self.stage_log.append({"stage": name, "seconds": _built_seconds(self.plan.path(name)), "cached": True})
+        _track_stage(self, name, math.nan, cached=True)
+        return self.plan.path(name)
+
     def stage(self, name: str, build: Callable[[Path], None]) -> Path:
+        """Return the stage's folder: cached and verified against its manifest, else built (once across
+        concurrent runs: the stage key's lock) into an atomic folder. A corrupt stage is removed and rebuilt."""
         st = self.plan.stages[name]
-        if self.plan.cached(name):
-            self.hits += 1
-            self.say(f"  [cached] {name:<34} {st.key.key}")
-            self.stage_log.append({"stage": name, "seconds": _built_seconds(self.plan.path(name)), "cached": True})
-            _track_stage(self, name, math.nan, cached=True)
-            return self.plan.path(name)
-        if self.progress:  # quiet runs print one line per stage, when it is done
-            self.say(f"  [run]    {name:<34} {st.key.key}")
-        t0 = time.perf_counter()
-        meta = {"stage": name, "settings": st.settings}
-        with self.plan.cache.atomic_dir(st.key, meta=meta) as tmp:
-            build(tmp)
-            meta["build_seconds"] = round(time.perf_counter() - t0, 3)  # _meta.json is written after this
+        cache = self.plan.cache
+        full = self._full_check(name)
+        if cache.status(st.key, full=full).usable:
+            return self._hit(name)
+        wait = lambda: self.say(f"  [wait]   {name:<34} another run is building it")  # noqa: E731
+        with cache.lock(st.key, on_wait=wait):
+            status = cache.status(st.key, full=full)  # again: another run may have built it meanwhile
+            if status.usable:
+                return self._hit(name)
+            if status.state == "corrupt":
+                msg = f"{status.describe()}; rebuilding it"
+                if self.progress:
+                    self.say(f"  [corrupt] {msg}")
+                else:
+                    log.warning(msg)
+                cache.discard(st.key)
+            # what this build reads, by content digest (verified now): a dependent rebuilds if it changes
+            inputs = {str(self.plan.stages[i].key): cache.digest(self.plan.stages[i].key)
+                      for i in st.inputs if self.plan.stages[i].kind != "world"}
+            if self.progress:  # quiet runs print one line per stage, when it is done
+                self.say(f"  [run]    {name:<34} {st.key.key}")
+            t0 = time.perf_counter()
+            meta = {"stage": name, "settings": st.settings}
+            with cache.atomic_dir(st.key, meta=meta, inputs=inputs, volatile=VOLATILE_FILES) as tmp:
+                build(tmp)
+                meta["build_seconds"] = round(time.perf_counter() - t0, 3)  # _meta.json is written after this
         dt = time.perf_counter() - t0
         self.timings[name] = dt
         self.stage_log.append({"stage": name, "seconds": dt, "cached": False})
@@ -418,6 +496,9 @@ class _Runner:
                     k=self.cfg.fusion.top_k, batch_size=self.cfg.fusion.extraction_batch_size,
                     store_dtype=self.cfg.fusion.store_dtype, progress=self.progress, label=label)
             self.note_runtime(f"distributions/{label}", tmp, used)
+            _require_finite(ds, ("topk_logprobs", "ce", "bpb"), f"distributions/{label}",
+                            f"model {label} gives non-finite log-probabilities (NaN/inf weights, or an overflow in "
+                            f"{self.spec(label).dtype}: try dtype float32)")
             ds.save_to_disk(str(tmp / "dataset"))
             (tmp / "stats.json").write_text(json.dumps(_asdict(stats), indent=2))
 
@@ -533,7 +614,9 @@ class _Runner:
                 out["fused_ids"].append(np.asarray(ids, dtype=np.int32).reshape(-1))
                 out["fused_probs"].append(np.asarray(probs, dtype=np.float32).reshape(-1))
                 out["k"].append(int(np.asarray(ids).shape[1]))
-            datasets.Dataset.from_dict(out).save_to_disk(str(tmp / "dataset"))
+            fused_ds = datasets.Dataset.from_dict(out)
+            _require_finite(fused_ds, ("fused_probs",), "fused", "the fused distributions hold non-finite probabilities")
+            fused_ds.save_to_disk(str(tmp / "dataset"))
             (tmp / "stats.json").write_text(json.dumps({"documents": len(out["doc_id"]), "mince_chosen": chosen}))
 
         return self.stage("fused", build)
@@ -903,6 +986,11 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
         from harness.config import ConfigError
 
         raise ConfigError("\n".join(evaluation_problems))
+    problems = check_models(cfg, plan.hashes)
+    if problems:  # before any stage runs: one line per problem, each naming the model
+        from harness.models import ModelLoadError
+
+        raise ModelLoadError("\n".join(problems))
     plan.cache.clean_stale()
     run_dir = workdir(cfg) / "runs" / f"{cfg.name}-{cfg.content_hash()}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1041,6 +1129,30 @@ def runtime_params(cfg: ExperimentConfig, run_dir: Path) -> dict[str, str]:
     for stage, used in rec["stages"].items():
         out["device/" + stage.replace(":", "_")] = short(used)[:500]
     return out
+
+
+def _require_finite(ds, columns: tuple[str, ...], stage: str, what: str) -> None:
+    """Refuse to write a dataset with NaN/inf in `columns` (flat or list columns): name the stage, the
+    document and what is wrong, instead of caching values that fail (or silently skew) later stages."""
+    import pyarrow as pa
+
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    for col in columns:
+        arr = table.column(col).combine_chunks()
+        nested = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+        flat = arr.flatten() if nested else arr
+        bad = ~np.isfinite(np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32))
+        if not bad.any():
+            continue
+        first = int(np.argmax(bad))
+        if nested:  # the document (row) holding the first bad value
+            offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False))
+            first = int(np.searchsorted(offsets - offsets[0], first, side="right") - 1)
+        doc = ds[first]["doc_id"] if "doc_id" in ds.column_names else first
+        from harness.models import NonFiniteError
+
+        raise NonFiniteError(f"{stage}: {what}: {int(bad.sum())} of {bad.size} values in column {col} "
+                             f"are NaN/inf (first in doc_id {doc}); nothing was cached")
 
 
 def _built_seconds(stage_dir: Path) -> float:
