@@ -521,10 +521,8 @@ class _Runner:
 
     def aligned(self, label: str, train_rows: list[dict]) -> Path:
         import datasets
-        from fusion.aligned import align_distribution
         from fusion.distributions import topk_arrays
-        from fusion.registry import ALIGNMENTS
-        from fusion.tokens import tokenize_document
+        from fusion.document import align_document
         from fusion.vocab import VocabMap
 
         def build(tmp: Path) -> None:
@@ -538,26 +536,21 @@ class _Runner:
                 tgt_dist = self.plan.path(f"distributions/{self.cfg.target.label}")
                 tgt_ds = datasets.load_from_disk(str(tgt_dist / "dataset"))
                 target_rows = {r["doc_id"]: i for i, r in enumerate(tgt_ds.select_columns(["doc_id"]))}
-            align_fn = ALIGNMENTS.get(f.alignment)
             tgt_tok, src_tok = self.tokenizer(self.cfg.target.label), self.tokenizer(label)
-            bos, eos = False, True  # as extraction tokenizes (reference); BOS is a training-time option
             by_id = {r["doc_id"]: r for r in train_rows}
             out = {"doc_id": [], "ids": [], "probs": [], "ce": [], "bpb": []}
-            n_one_to_one = n_used = n_target = 0
+            n_one_to_one = n_target = 0
             for row in _iter(src_ds, self.progress, f"align {label}"):
-                text = by_id[row["doc_id"]]["text"]
-                tt = tokenize_document(tgt_tok, text, add_bos=bos, add_eos=eos)
-                st = tokenize_document(src_tok, text, add_bos=bos, add_eos=eos)
                 s_ids, s_lp, _ = topk_arrays(row, f.top_k)
-                al = align_fn(tt, st)
                 t_ids = t_lp = None
                 if target_rows is not None:
                     t_ids, t_lp, _ = topk_arrays(tgt_ds[target_rows[row["doc_id"]]], f.top_k)
-                ids, probs = align_distribution(tt, st, s_ids, s_lp, al, vm, **f.aligned_options(),
-                                                target_ids=t_ids, target_logprobs=t_lp)
-                one = al.one_to_one()
-                n_one_to_one += int((one >= 0).sum())
-                n_target += len(tt)
+                doc = align_document(by_id[row["doc_id"]]["text"], tgt_tok, src_tok, s_ids, s_lp, vm,
+                                     alignment=f.alignment, target_ids=t_ids, target_logprobs=t_lp,
+                                     **f.aligned_options())
+                ids, probs = doc.ids, doc.probs
+                n_one_to_one += doc.n_one_to_one
+                n_target += doc.n_target
                 out["doc_id"].append(row["doc_id"])
                 out["ids"].append(ids.reshape(-1).astype(np.int32))
                 out["probs"].append(probs.reshape(-1).astype(np.float32))
@@ -572,8 +565,8 @@ class _Runner:
     def fused(self, train_rows: list[dict]) -> Path:
         import datasets
         from fusion.distributions import topk_arrays
+        from fusion.document import fuse_document
         from fusion.fuse import Candidate
-        from fusion.registry import FUSIONS
         from fusion.tokens import tokenize_document
 
         def build(tmp: Path) -> None:
@@ -584,11 +577,7 @@ class _Runner:
             src_labels = [s.label for s in self.cfg.sources if s.label != tgt_label]
             src_ds = {l: datasets.load_from_disk(str(self.plan.path(f"aligned/{l}") / "dataset")) for l in src_labels}
             src_rows = {l: {r["doc_id"]: i for i, r in enumerate(ds.select_columns(["doc_id"]))} for l, ds in src_ds.items()}
-            fuse_fn = FUSIONS.get(f.fusion)
-            kwargs = {"top_k": k}
-            if f.fusion == "avgce":
-                kwargs["weights"] = f.avgce_weights
-                kwargs["cut"] = f.avgce_cut
+            params = {"weights": f.avgce_weights, "cut": f.avgce_cut} if f.fusion == "avgce" else {}
             tok = self.tokenizer(tgt_label)
             by_id = {r["doc_id"]: r for r in train_rows}
             out = {"doc_id": [], "input_ids": [], "fused_ids": [], "fused_probs": [], "k": []}
@@ -597,18 +586,17 @@ class _Runner:
                 doc = row["doc_id"]
                 tt = tokenize_document(tok, by_id[doc]["text"], add_bos=False, add_eos=True)
                 t_ids, t_lp, _ = topk_arrays(row, k)
-                cands = [Candidate(t_ids.astype(np.int32), np.exp(t_lp.astype(np.float32)), float(row[f.score]))]
-                names = [tgt_label]
+                cands = {tgt_label: Candidate(t_ids.astype(np.int32), np.exp(t_lp.astype(np.float32)),
+                                              float(row[f.score]))}
                 for l in src_labels:
                     r = src_ds[l][src_rows[l][doc]]
-                    ids = np.asarray(r["ids"], dtype=np.int32).reshape(len(tt), -1)
-                    probs = np.asarray(r["probs"], dtype=np.float32).reshape(len(tt), -1)
-                    cands.append(Candidate(ids, probs, float(r[f.score])))
-                    names.append(l)
-                if f.fusion == "mince":
-                    best = names[int(np.argmin([c.score for c in cands]))]
-                    chosen[best] = chosen.get(best, 0) + 1
-                ids, probs = fuse_fn(cands, **kwargs)
+                    cands[l] = Candidate(np.asarray(r["ids"], dtype=np.int32).reshape(len(tt), -1),
+                                         np.asarray(r["probs"], dtype=np.float32).reshape(len(tt), -1),
+                                         float(r[f.score]))
+                fused = fuse_document(cands, f.fusion, k, **params)
+                if fused.chosen is not None:
+                    chosen[fused.chosen] = chosen.get(fused.chosen, 0) + 1
+                ids, probs = fused.ids, fused.probs
                 out["doc_id"].append(doc)
                 out["input_ids"].append(tt.ids.astype(np.int32))
                 out["fused_ids"].append(np.asarray(ids, dtype=np.int32).reshape(-1))
