@@ -137,7 +137,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness.report import report_main
+    from studies.report import report_main
 
     report_main(args.target, Path(args.workdir), Path(args.out) if args.out else None,
                 tracking_uri=args.tracking_uri, storage=args.storage)

@@ -166,7 +166,7 @@ class TrainingSpec(_Strict):
     lr_scheduler: str = "cosine"
     bf16: bool = False
     packing: bool = True
-    reset_attention_across_documents: bool = False  # reference: packing without reset
+    cross_document_attention: bool = True  # reference: packing without resetting attention at documents
     add_bos: bool = False  # reference: no BOS (EOS is always appended, as the reference does)
     deepspeed: str | None = None  # zero2 | zero3 | path to a JSON config
     logging_steps: int = Field(5, ge=1)
@@ -179,6 +179,20 @@ class TrainingSpec(_Strict):
             raise ValueError(f"checkpoint_steps ({self.checkpoint_steps}) must be a multiple of logging_steps "
                              f"({self.logging_steps}), so that a resumed run logs the same losses")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_reset_attention(cls, data):
+        # `reset_attention_across_documents: X` (deprecated) is `cross_document_attention: not X`, the name of the
+        # fusion.trainer.TrainSettings field it becomes
+        if isinstance(data, dict) and "reset_attention_across_documents" in data:
+            data = dict(data)
+            old = data.pop("reset_attention_across_documents")
+            if "cross_document_attention" in data and data["cross_document_attention"] == old:
+                raise ValueError("reset_attention_across_documents (deprecated) and cross_document_attention "
+                                 "contradict each other; keep cross_document_attention only")
+            data["cross_document_attention"] = not old
+        return data
 
 
 class EnsembleSpec(_Strict):

@@ -901,21 +901,11 @@ def _asdict(obj) -> dict:
 
 
 def train_settings(cfg: ExperimentConfig, **overrides):
+    """fusion.trainer.TrainSettings from the config's `training` section (its fields have the TrainSettings
+    names) and the experiment seed; `overrides` (e.g. device, max_steps) win."""
     from fusion.trainer import TrainSettings
 
-    t = cfg.training
-    fields = dict(block_size=t.block_size, per_device_batch_size=t.per_device_batch_size, grad_accum=t.grad_accum,
-                  lr=t.lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                  num_epochs=t.num_epochs, max_steps=t.max_steps, seed=cfg.seed, lr_scheduler=t.lr_scheduler,
-                  bf16=t.bf16, packing=t.packing, logging_steps=t.logging_steps, deepspeed=t.deepspeed,
-                  checkpoint_steps=t.checkpoint_steps)
-    fields.update(overrides)
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    extra = {"cross_document_attention": not t.reset_attention_across_documents, "add_bos": t.add_bos}
-    fields.update({k: v for k, v in extra.items() if k in names})
-    return TrainSettings(**{k: v for k, v in fields.items() if k in names})
+    return TrainSettings(**{**cfg.training.model_dump(), "seed": cfg.seed, **overrides})
 
 
 def summarize(long: pd.DataFrame, models: list[str]) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Paper-style tables and plots for one experiment or one ablation study; `fuselab report` (`report_main`).
+"""Paper-style tables and plots for one experiment; study reports build on these in `studies.report`, which
+also holds `fuselab report` (`report_main`).
 
 Tables are pandas DataFrames (CSV + markdown on disk, artifacts in MLflow); plots are PNG (matplotlib Agg).
 Scores: suite averages are fractions in [0, 1] (each task's primary metric, averaged over the suite's tasks:
@@ -18,10 +19,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from harness.tracking import ATTR_ERROR, ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE, ATTR_SETTING
 
 METHOD_ORDER = ("source", "target", "CLM-only", "FuseLLM", "ensemble", "merge", "domain expert")
-SEED_PARAM = "seed"  # the study param that holds a grid trial's seed (studies.spec.SEED_PARAM)
 TARGET_METHOD = "target"
 CLM_METHOD = "CLM-only"
 
@@ -230,111 +229,6 @@ def experiment_table(result_or_runs: Any, *, per_task: bool = False, gains: bool
     return out
 
 
-def study_runs(study) -> pd.DataFrame:
-    """One row per (trial, seed) of an Optuna study's complete trials: `trial`, the setting's params,
-    `seed`, and every metric the run reported. A point re-run after a dead worker counts once (latest)."""
-    from optuna.trial import TrialState
-
-    names = study.user_attrs.get(ATTR_SEARCH_SPACE)
-    rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        params = {k: v for k, v in t.params.items() if k != SEED_PARAM}
-        runs = t.user_attrs.get(ATTR_RUNS) or [{"seed": t.params.get(SEED_PARAM), "metrics": {"objective": t.value}}]
-        for r in runs:
-            rows.append({"trial": t.number, **params, "seed": r["seed"], **r["metrics"]})
-    df = pd.DataFrame(rows)
-    if not len(df):
-        return df
-    param_cols = names or [c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
-    df = df.sort_values("trial").drop_duplicates(subset=[*param_cols, "seed"], keep="last")
-    return df.reset_index(drop=True)
-
-
-def _is_metric(name: str) -> bool:
-    return "/" in name or name == "objective"
-
-
-def _seed_stats(row: dict, metric: str, vals: pd.Series) -> None:
-    from harness.stats import seed_interval
-
-    vals = vals.astype(float)
-    iv = seed_interval(list(vals))
-    row[f"{metric} mean"] = float(vals.mean())
-    row[f"{metric} std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
-    row[f"{metric} lo"], row[f"{metric} hi"] = iv.lo, iv.hi
-
-
-def _ablation_metrics(study, df: pd.DataFrame, params: list[str], metrics: Iterable[str] | None) -> list[str]:
-    objective = (study.user_attrs.get(ATTR_OBJECTIVE) or {}).get("metric")
-    shared = [c for c in df.columns if c not in ("trial", "seed", *params) and df[c].notna().all()]
-    if metrics is None:
-        metrics = [c for c in shared if c.startswith("fusellm/")]
-    return list(dict.fromkeys([m for m in [objective, *metrics] if m and m in df.columns]))
-
-
-def ablation_table(study, metrics: Iterable[str] | None = None) -> pd.DataFrame:
-    """Mean, sample std (ddof=1; NaN for one seed) and 95% Student-t interval (`harness.stats.seed_interval`;
-    NaN for one seed) over seeds per setting.
-
-    Rows: settings in the order the study first ran them; columns: the searched params, `n_seeds`, and
-    `<metric> mean` / `<metric> std` / `<metric> lo` / `<metric> hi` for the objective metric first, then the
-    other `metrics` (default: every `fusellm/*` metric all runs share)."""
-    df = study_runs(study)
-    if not len(df):
-        raise ValueError(f"study {study.study_name!r} has no complete trial yet; nothing to tabulate")
-    params = study.user_attrs.get(ATTR_SEARCH_SPACE) or [
-        c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
-    metrics = _ablation_metrics(study, df, params, metrics)
-    rows = []
-    for key, g in df.groupby(params, sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        row: dict[str, Any] = dict(zip(params, key))
-        row["n_seeds"] = int(g["seed"].nunique())
-        for m in metrics:
-            _seed_stats(row, m, g[m])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-BASELINE_METHODS = (TARGET_METHOD, CLM_METHOD)
-
-
-def ablation_baselines(study, metrics: Iterable[str] | None = None) -> pd.DataFrame:
-    """The target and CLM-only over the same seeds as the ablation: for every `fusellm/<x>` metric of
-    `ablation_table` the same statistics of `<model>/<x>`, where <model> is the run's target / CLM-only model
-    (the `methods` each trial run recorded; the baselines do not depend on the fusion settings, so each seed
-    counts once). Rows: `method` ("target", "CLM-only"), `model`, `n_seeds`, `<fusellm metric> mean/std/lo/hi`.
-    Empty when the runs did not record their methods (studies run before they were kept)."""
-    from optuna.trial import TrialState
-
-    df = study_runs(study)
-    if not len(df):
-        return pd.DataFrame()
-    params = study.user_attrs.get(ATTR_SEARCH_SPACE) or [
-        c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
-    metrics = [m for m in _ablation_metrics(study, df, params, metrics) if m.startswith("fusellm/")]
-    per_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> (model, metrics)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        for r in t.user_attrs.get(ATTR_RUNS) or []:
-            for model, method in (r.get("methods") or {}).items():
-                if method in BASELINE_METHODS:
-                    per_seed.setdefault(method, {}).setdefault(r["seed"], {"model": model, **r["metrics"]})
-    rows = []
-    for method in BASELINE_METHODS:
-        seeds = per_seed.get(method)
-        if not seeds:
-            continue
-        runs = pd.DataFrame(list(seeds.values()))
-        model = str(runs["model"].iloc[0])
-        row: dict[str, Any] = {"method": method, "model": model, "n_seeds": len(seeds)}
-        for m in metrics:
-            key = f"{model}/{m[len('fusellm/'):]}"
-            if key in runs.columns:
-                _seed_stats(row, m, runs[key])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 # -------------------------------------------------------------------------------------------- plots
 def _plt():
     import matplotlib
@@ -380,90 +274,6 @@ def plot_losses(losses: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_ablation_heatmap(ablation: pd.DataFrame, params: list[str], metric: str, out: Path) -> Path:
-    """Mean `metric` over seeds on a grid of the first two params (one row for a single param); other
-    params are averaged. Cells show mean +- std."""
-    plt = _plt()
-    mean_col, std_col = f"{metric} mean", f"{metric} std"
-    rows_p = params[0]
-    cols_p = params[1] if len(params) > 1 else None
-    df = ablation.copy()
-    df[rows_p] = df[rows_p].astype(str)
-    if cols_p is None:
-        df["_"] = metric
-        cols_p = "_"
-    df[cols_p] = df[cols_p].astype(str)
-    mean = df.pivot_table(index=rows_p, columns=cols_p, values=mean_col, aggfunc="mean", sort=False)
-    std = df.pivot_table(index=rows_p, columns=cols_p, values=std_col, aggfunc="mean", sort=False, dropna=False)
-    fig, ax = plt.subplots(figsize=(1.8 * mean.shape[1] + 2.5, 0.9 * mean.shape[0] + 1.8))
-    im = ax.imshow(mean.values.astype(float), cmap="viridis", aspect="auto")
-    for i in range(mean.shape[0]):
-        for j in range(mean.shape[1]):
-            m = mean.values[i, j]
-            s = std.reindex(index=mean.index, columns=mean.columns).values[i, j]
-            text = f"{m:.4g}" + ("" if pd.isna(s) else f"\n± {s:.2g}")
-            ax.text(j, i, text, ha="center", va="center", color="w", fontsize=8)
-    ax.set_xticks(range(mean.shape[1]), list(mean.columns), fontsize=8)
-    ax.set_yticks(range(mean.shape[0]), list(mean.index), fontsize=8)
-    ax.set_xlabel("" if cols_p == "_" else cols_p)
-    ax.set_ylabel(rows_p)
-    ax.set_title(f"{metric} (mean ± std over seeds)", fontsize=9)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return _save(fig, out)
-
-
-def plot_ablation_bars(ablation: pd.DataFrame, params: list[str], metric: str, out: Path,
-                       baselines: pd.DataFrame | None = None) -> Path:
-    """One bar per setting: mean `metric` over seeds with its 95% interval over seeds as error bars (none with
-    one seed); `baselines` (`ablation_baselines`): the target and CLM-only as horizontal lines with their
-    interval as a band, on the same axes."""
-    plt = _plt()
-    labels = [", ".join(str(r[p]) for p in params) for _, r in ablation.iterrows()]
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
-    mean = ablation[f"{metric} mean"].astype(float)
-    if f"{metric} lo" in ablation.columns and ablation[f"{metric} lo"].notna().any():
-        err = [(mean - ablation[f"{metric} lo"]).fillna(0).clip(lower=0).values,
-               (ablation[f"{metric} hi"] - mean).fillna(0).clip(lower=0).values]
-    else:
-        err = ablation[f"{metric} std"].fillna(0).values
-    ax.bar(range(len(labels)), mean, yerr=err, capsize=4, color="C3", label="FuseLLM (setting)")
-    if baselines is not None and len(baselines) and f"{metric} mean" in baselines.columns:
-        for _, row in baselines.iterrows():
-            color = "C1" if row["method"] == TARGET_METHOD else "C2"
-            ax.axhline(row[f"{metric} mean"], color=color, linestyle="--",
-                       label=f"{row['method']} ({row['model']})")
-            if not pd.isna(row.get(f"{metric} lo")):
-                ax.axhspan(row[f"{metric} lo"], row[f"{metric} hi"], color=color, alpha=0.15)
-        ax.legend(fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(" x ".join(params), fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out)
-
-
-def param_importances(study) -> dict[str, float]:
-    """Optuna's fANOVA importances over complete trials (sums to 1); {} when they cannot be computed
-    (fewer than two complete trials, or no param varies)."""
-    import optuna
-
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except (ValueError, RuntimeError):
-        return {}
-
-
-def plot_importances(importances: dict[str, float], out: Path) -> Path:
-    plt = _plt()
-    names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
-    ax.barh(names, [importances[n] for n in names])
-    ax.set_xlabel("importance (fANOVA, fraction of objective variance)")
-    fig.tight_layout()
-    return _save(fig, out)
-
-
 def _save(fig, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -477,24 +287,12 @@ def _fmt(df: pd.DataFrame, digits: int = 4) -> str:
     return df.to_markdown(floatfmt=f".{digits}g") + "\n"
 
 
-def _fmt_ablation(ab: pd.DataFrame, params: list[str]) -> pd.DataFrame:
-    """mean [lo, hi] over seeds per cell (the mean alone for one seed)."""
-    out = ab[[*params, "n_seeds"]].copy()
-    for c in ab.columns:
-        if c.endswith(" mean"):
-            m = c[: -len(" mean")]
-            lo = ab[f"{m} lo"] if f"{m} lo" in ab.columns else pd.Series(float("nan"), index=ab.index)
-            hi = ab[f"{m} hi"] if f"{m} hi" in ab.columns else pd.Series(float("nan"), index=ab.index)
-            out[m] = [_num(a) + ("" if pd.isna(l) else f" [{_num(l, 3)}, {_num(h, 3)}]")
-                      for a, l, h in zip(ab[c], lo, hi)]
-    return out
-
-
-def write_report(out_dir: Path, result: Any = None, *, study=None, tracker=None, run_id: str | None = None,
-                 title: str | None = None, per_task: bool = True) -> Path:
+def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str | None = None,
+                 title: str | None = None, per_task: bool = True, sections: list[str] = ()) -> Path:
     """Write `report.md` + tables (CSV) + plots (PNG) into `out_dir` for an experiment (`result`:
-    ExperimentResult / ExperimentData) and/or a study; with `tracker` the folder is logged to MLflow as
-    artifacts under `report/` of `run_id` (default: the tracker's open run). Returns the markdown path."""
+    ExperimentResult / ExperimentData), followed by `sections` (markdown lines, e.g. a study's: studies.report);
+    with `tracker` the folder is logged to MLflow as artifacts under `report/` of `run_id` (default: the tracker's
+    open run). Returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md: list[str] = []
@@ -542,8 +340,7 @@ def write_report(out_dir: Path, result: Any = None, *, study=None, tracker=None,
             md.append("## Training loss\n\n![losses](losses.png)\n")
         if len(data.stage_times):
             md += _stage_times_section(data.stage_times, out_dir)
-    if study is not None:
-        md += _study_section(study, out_dir, title if result is None else None)
+    md += list(sections)
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
     if tracker is not None:
@@ -560,63 +357,6 @@ def _stage_times_section(stage_times: pd.DataFrame, out_dir: Path) -> list[str]:
             f"Sum {total:.1f} s; built in this run {built_here:.1f} s.\n")
     shown = times.assign(cached=times["cached"].map(lambda c: "cached" if bool(c) else "built"))
     return ["## Stage times\n", note, shown.to_markdown(index=False, floatfmt=".1f") + "\n"]
-
-
-def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
-    from optuna.trial import TrialState
-
-    md = [f"# {title or 'Study ' + study.study_name}\n"]
-    objective = (study.user_attrs.get(ATTR_OBJECTIVE) or {}).get("metric", "objective")
-    direction = study.direction.name.lower()
-    trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    md.append(f"Objective: {direction} `{objective}`. Trials: " +
-              ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c) + ".\n")
-    runs = study_runs(study)
-    if len(runs):
-        runs.to_csv(out_dir / "trials.csv", index=False)
-        ab = ablation_table(study)
-        ab.to_csv(out_dir / "ablation.csv", index=False)
-        params = [c for c in (study.user_attrs.get(ATTR_SEARCH_SPACE) or []) if c in ab.columns] or \
-                 [c for c in ab.columns if c != "n_seeds" and not c.endswith((" mean", " std", " lo", " hi"))]
-        shown = _fmt_ablation(ab, params)
-        base = ablation_baselines(study)
-        if len(base):
-            base.to_csv(out_dir / "ablation_baselines.csv", index=False)
-            # the baselines as rows of the same table: their model in the first param column, the fusellm/*
-            # metric columns holding the baseline model's same metric
-            extra = _fmt_ablation(base.assign(**{params[0]: [f"{m} ({n})" for m, n in zip(base["method"],
-                                                                                      base["model"])]},
-                                              **{p: "" for p in params[1:]}), params)
-            shown = pd.concat([shown, extra[[c for c in shown.columns if c in extra.columns]]], ignore_index=True)
-        md += ["## Ablation (mean [95% interval] over seeds)\n",
-               "Student-t interval over the seeds of each setting (none with one seed); the target and CLM-only "
-               "rows hold the baseline model's value of the same metric (the `fusellm/` columns), over the same "
-               "seeds.\n", _fmt(shown.fillna("").set_index(params[0]))]
-        if f"{objective} mean" in ab.columns:
-            plot_ablation_heatmap(ab, params, objective, out_dir / "ablation_heatmap.png")
-            plot_ablation_bars(ab, params, objective, out_dir / "ablation_bars.png", baselines=base)
-            md.append("![ablation heatmap](ablation_heatmap.png)\n\n![ablation bars](ablation_bars.png)\n")
-        imp = param_importances(study)
-        if imp:
-            plot_importances(imp, out_dir / "importances.png")
-            pd.Series(imp, name="importance").rename_axis("param").to_csv(out_dir / "importances.csv")
-            md.append("## Parameter importances\n\n![importances](importances.png)\n")
-        else:
-            md.append("Parameter importances: not computable (needs >= 2 complete trials with varying params).\n")
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    if failed:
-        md.append("## Failed trials\n")
-        md += [f"- trial {t.number} ({t.user_attrs.get(ATTR_SETTING, '')}): "
-               f"{t.user_attrs.get(ATTR_ERROR, 'worker died or was interrupted; re-queued')}" for t in failed]
-        md.append("")
-    return md
-
-
-def write_study_report(study, out_dir: Path, *, tracker=None, run_id: str | None = None,
-                       objective: str | None = None) -> Path:
-    """`write_report` for a study only (the runner logs it to the study's parent run when it completes)."""
-    return write_report(out_dir, study=study, tracker=tracker, run_id=run_id)
 
 
 # ------------------------------------------------------------------------------------------- MLflow
@@ -680,85 +420,9 @@ def _runs_frame(runs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def report_main(target: str, workdir: Path, out: Path | None = None, *, tracking_uri: str | None = None,
-                storage: str | None = None) -> Path:
-    """`fuselab report TARGET`: TARGET is an MLflow run id (experiment or study run), an MLflow experiment
-    name (its latest top-level run), a study spec path (`studies/x.yaml`) or a study name in the work
-    dir's Optuna storage. Writes `report.md`, CSVs and PNGs to `out` (default `<workdir>/reports/<name>`),
-    logs them to the run, prints and returns the markdown path."""
-    import optuna
-    from mlflow.tracking import MlflowClient
-
-    from harness.tracking import TAG_ROLE, TAG_STUDY, Tracker, default_tracking_uri
-
-    workdir = Path(workdir).expanduser().resolve()
-    uri = tracking_uri or default_tracking_uri(workdir)
-    client = MlflowClient(uri)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    default_storage = storage or f"sqlite:///{workdir / 'optuna.db'}"
-
-    def study_report(name: str, url: str, run_id: str | None, experiment: str | None) -> Path:
-        study = optuna.load_study(study_name=name, storage=url)
-        dest = Path(out) if out else workdir / "reports" / name
-        tracker = Tracker(uri, experiment, workdir) if experiment else None
-        path = write_report(dest, study=study, tracker=tracker if run_id else None, run_id=run_id)
-        print(path)
-        return path
-
-    # 1. a study spec file
-    if str(target).endswith((".yaml", ".yml")) and Path(target).is_file():
-        from studies.spec import load_spec
-
-        spec = load_spec(target, check=False)
-        url = storage or spec.storage or default_storage
-        tracker = Tracker(uri, spec.experiment_name(), workdir)
-        parents = tracker.find_runs({TAG_ROLE: "study", TAG_STUDY: spec.study_name})
-        return study_report(spec.study_name, url, parents[0].info.run_id if parents else None, spec.experiment_name())
-    # 2. an MLflow run id
-    if _RUN_ID.match(str(target)):
-        try:
-            run = client.get_run(target)
-        except Exception:
-            run = None
-        if run is not None:
-            exp_name = client.get_experiment(run.info.experiment_id).name
-            tags = run.data.tags
-            if tags.get(TAG_ROLE) == "study":
-                return study_report(tags[TAG_STUDY], tags.get("fuselab.storage", default_storage), target, exp_name)
-            return _experiment_report(client, uri, workdir, exp_name, run, out)
-    # 3. an MLflow experiment name
-    exp = client.get_experiment_by_name(str(target))
-    if exp is not None:
-        runs = client.search_runs([exp.experiment_id], filter_string="tags.`fuselab.kind` = 'experiment'",
-                                  order_by=["attributes.start_time DESC"], max_results=50)
-        runs = [r for r in runs if r.info.status == "FINISHED"]
-        if runs:
-            return _experiment_report(client, uri, workdir, exp.name, runs[0], out)
-        studies = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'study'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if studies:
-            t = studies[0].data.tags
-            return study_report(t[TAG_STUDY], t.get("fuselab.storage", default_storage), studies[0].info.run_id,
-                                exp.name)
-        raise ValueError(f"MLflow experiment {target!r} in {uri} has no finished experiment run and no study run")
-    # 4. a study name in the default storage
-    if sqlite_exists(default_storage):
-        names = [s.study_name for s in optuna.get_all_study_summaries(default_storage, include_best_trial=False)]
-        if str(target) in names:
-            return study_report(str(target), default_storage, None, None)
-    raise ValueError(f"fuselab report {target!r}: not a study spec file, not a run id in {uri}, not an MLflow "
-                     f"experiment name, not a study in {default_storage}; list runs with `fuselab ui` or pass "
-                     "--workdir of the run")
-
-
-def sqlite_exists(url: str) -> bool:
-    return not url.startswith("sqlite:///") or Path(url[len("sqlite:///"):]).is_file()
-
-
-def _experiment_report(client, uri: str, workdir: Path, exp_name: str, run, out: Path | None) -> Path:
+def experiment_report(client, uri: str, workdir: Path, exp_name: str, run, out: Path | None) -> Path:
+    """The report of one experiment run, written to `out` (default `<workdir>/reports/<name>-<run id>`) and
+    logged to the run (artifacts `report/`); prints and returns the markdown path."""
     from harness.tracking import Tracker
 
     data = experiment_from_mlflow(client, run.info.run_id)

@@ -39,21 +39,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import ConfigError, ExperimentConfig
 from harness.tracking import (
-    ATTR_ERROR,
-    ATTR_GRID_SIZE,
-    ATTR_OBJECTIVE,
-    ATTR_RUN_ID,
-    ATTR_RUNS,
-    ATTR_SEARCH_SPACE,
-    ATTR_SETTING,
-    ATTR_SPEC_HASH,
-    ATTR_WORKER,
     TAG_ROLE,
     TAG_STUDY,
     Tracker,
     file_lock,
     sqlite_path,
 )
+from studies.attrs import (ATTR_ERROR, ATTR_GRID_SIZE, ATTR_OBJECTIVE, ATTR_RUN_ID, ATTR_RUNS, ATTR_SEARCH_SPACE,
+                           ATTR_SETTING, ATTR_SPEC_HASH, ATTR_WORKER)
 from studies.spec import SEED_PARAM, CategoricalSpace, FloatSpace, StudySpec, load_spec
 
 ObjectiveFn = Callable[..., Any]  # (cfg, *, tracker, parent_run_id, trial) -> ExperimentResult | dict
@@ -474,10 +467,9 @@ def _close_study_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, par
     tracker.log_metrics(metrics, run_id=parent)
     if report:
         try:
-            from harness.report import write_study_report
+            from studies.report import write_study_report
 
-            write_study_report(study, workdir / "reports" / spec.study_name, tracker=tracker, run_id=parent,
-                               objective=spec.objective.metric)
+            write_study_report(study, workdir / "reports" / spec.study_name, tracker=tracker, run_id=parent)
         except Exception as exc:  # a plotting problem must not turn a finished study into a failed one
             print(f"[{spec.study_name}] report failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             tracker.set_tags({"fuselab.report_error": f"{type(exc).__name__}: {exc}"}, run_id=parent)

@@ -257,3 +257,23 @@ def test_study_names_are_checked_the_same_way(tmp_path):
                                     "search_space": {"fusion.lam": {"type": "categorical", "choices": [0.9]}}}))
     with pytest.raises(ConfigError, match=r"s\.yaml: study_name: name '\.\./x' holds a path separator"):
         load_spec(spec)
+
+
+def test_training_fields_are_the_trainer_settings_and_the_old_reset_key_still_reads():
+    import dataclasses
+
+    from fusion.trainer import TrainSettings
+    from harness.config import TrainingSpec
+    from harness.pipeline import train_settings
+
+    # every training field becomes the TrainSettings field of the same name (plus the experiment seed)
+    assert set(TrainingSpec.model_fields) <= {f.name for f in dataclasses.fields(TrainSettings)}
+    assert TrainingSpec().cross_document_attention is True  # reference: attention crosses documents
+    old = {"name": "x", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
+           "sources": [{"ref": "micro:llama-docs"}], "training": {"reset_attention_across_documents": True}}
+    cfg = validate_config(old)
+    assert cfg.training.cross_document_attention is False
+    assert train_settings(cfg).cross_document_attention is False and train_settings(cfg).seed == cfg.seed
+    contradicts = {**old, "training": {"reset_attention_across_documents": True, "cross_document_attention": True}}
+    with pytest.raises(ConfigError, match="contradict each other"):
+        validate_config(contradicts)

@@ -14,16 +14,10 @@ from optuna.distributions import CategoricalDistribution
 
 from harness.config import validate_config
 from harness.pipeline import ExperimentResult, _track_result
-from harness.report import (
-    ablation_table,
-    experiment_from_mlflow,
-    experiment_table,
-    per_task_scores,
-    report_main,
-    suite_stderr,
-    write_report,
-)
-from harness.tracking import ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE, Tracker
+from harness.report import experiment_from_mlflow, experiment_table, per_task_scores, suite_stderr
+from harness.tracking import Tracker
+from studies.attrs import ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE
+from studies.report import ablation_table, report_main, write_study_report
 
 # The pipeline's row order (sources incl. the target, then baselines); bpb values are exact binary fractions.
 RESULTS = pd.DataFrame({
@@ -270,7 +264,7 @@ def test_ablation_table_mean_and_std_over_seeds():
 
 
 def test_ablation_baselines_over_the_same_seeds():
-    from harness.report import ablation_baselines
+    from studies.report import ablation_baselines
 
     base = ablation_baselines(_grid_study()).set_index("method")
     assert list(base.index) == ["target", "CLM-only"] and list(base.model) == ["llama-docs", "clm"]
@@ -283,7 +277,7 @@ def test_ablation_baselines_over_the_same_seeds():
 
 
 def test_study_report_files(tmp_path):
-    md = write_report(tmp_path, study=_grid_study())
+    md = write_study_report(_grid_study(), tmp_path)
     text = md.read_text()
     assert "Objective: maximize `fusellm/micro`. Trials: complete 6." in text
     # mean [lo, hi] over seeds: 0.625 -+ 0.31052, bpb 1.375 -+ 0.31052

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from study_objectives import expected_micro, failing_on_avgce, fake_experiment, slow_experiment
 
 from harness.config import ConfigError
-from harness.report import ablation_table
+from studies.report import ablation_table
 from harness.tracking import default_tracking_uri
 from studies.runner import run_study
 
