@@ -74,8 +74,6 @@ def cmd_run(args) -> int:
     if args.nproc is not None:  # same as the override runtime.extraction_nproc=N
         args.overrides = [*args.overrides, f"runtime.extraction_nproc={args.nproc}"]
     cfg = _config(args)
-    if args.quiet:  # libraries' progress bars too (lm-eval's request bars); tqdm reads this when a bar starts
-        os.environ["TQDM_DISABLE"] = "1"
     result = run_experiment(cfg, progress="stages" if args.quiet else True, track=not args.no_track)
     import pandas as pd
 
@@ -129,8 +127,6 @@ def cmd_verify(args) -> int:
 def cmd_study(args) -> int:
     from studies.runner import run_study
 
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
     run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage,
               worker_id=args.worker_id, progress="trials" if args.quiet else True)
     return 0
@@ -227,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        # every library's bars too (lm-eval's per-task ones); tqdm reads TQDM_* when it is imported, so now
+        os.environ["TQDM_DISABLE"] = "1"
     from harness.tracking import quiet_third_party
 
     quiet_third_party()  # before any library is imported: their notices would drown our progress lines
