@@ -69,11 +69,12 @@ def _format_estimate(est) -> str:
 
 
 def cmd_run(args) -> int:
-    from harness.pipeline import run_experiment
-
     if args.nproc is not None:  # same as the override runtime.extraction_nproc=N
         args.overrides = [*args.overrides, f"runtime.extraction_nproc={args.nproc}"]
     cfg = _config(args)
+    _refuse_bad_models(cfg)
+    from harness.pipeline import run_experiment
+
     result = run_experiment(cfg, progress="stages" if args.quiet else True, track=not args.no_track)
     import pandas as pd
 
@@ -89,6 +90,19 @@ def cmd_run(args) -> int:
         else:
             print(result.results.to_string(index=False))
     return 0
+
+
+def _refuse_bad_models(cfg) -> None:
+    """The model checks of `run_experiment`, before torch, datasets and the pipeline are imported: a broken
+    model is refused in about a second instead of after the imports (the run repeats them, from the cache of
+    file checks)."""
+    from harness.cache import HASHES, FileHashes
+    from harness.models import ModelLoadError, check_models
+
+    cache = Path(os.environ.get("FUSELAB_WORKDIR", cfg.workdir)).expanduser().resolve() / "cache"
+    problems = check_models([cfg.target, *cfg.sources], hashes=FileHashes(cache / HASHES))
+    if problems:
+        raise ModelLoadError("\n".join(problems))
 
 
 def cmd_verify(args) -> int:
