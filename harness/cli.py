@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -234,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where the program is (a KeyboardInterrupt: whatever handles Ctrl-C, such as
+    the tracker's KILLED status or `fuselab ui` stopping its server, handles these too)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:  # leave handlers someone else installed
+            signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -248,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     from harness.corpus import CorpusError
     from harness.models import ModelLoadError
 
+    _stop_on_signals()
     try:
         return int(args.fn(args) or 0)
+    except _Stopped as exc:  # open MLflow runs were ended KILLED on the way out; `fuselab ui` stopped its server
+        print(f"fuselab: stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except (ConfigError, CorpusError, ModelLoadError, CorruptStageError) as exc:
         print(f"fuselab: error: {exc}", file=sys.stderr)
         return 2
