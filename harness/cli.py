@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -69,13 +70,12 @@ def _format_estimate(est) -> str:
 
 
 def cmd_run(args) -> int:
-    from harness.pipeline import run_experiment
-
     if args.nproc is not None:  # same as the override runtime.extraction_nproc=N
         args.overrides = [*args.overrides, f"runtime.extraction_nproc={args.nproc}"]
     cfg = _config(args)
-    if args.quiet:  # libraries' progress bars too (lm-eval's request bars); tqdm reads this when a bar starts
-        os.environ["TQDM_DISABLE"] = "1"
+    _refuse_bad_models(cfg)
+    from harness.pipeline import run_experiment
+
     result = run_experiment(cfg, progress="stages" if args.quiet else True, track=not args.no_track)
     import pandas as pd
 
@@ -91,6 +91,19 @@ def cmd_run(args) -> int:
         else:
             print(result.results.to_string(index=False))
     return 0
+
+
+def _refuse_bad_models(cfg) -> None:
+    """The model checks of `run_experiment`, before torch, datasets and the pipeline are imported: a broken
+    model is refused in about a second instead of after the imports (the run repeats them, from the cache of
+    file checks)."""
+    from harness.cache import HASHES, FileHashes
+    from harness.models import ModelLoadError, check_models
+
+    cache = Path(os.environ.get("FUSELAB_WORKDIR", cfg.workdir)).expanduser().resolve() / "cache"
+    problems = check_models([cfg.target, *cfg.sources], hashes=FileHashes(cache / HASHES))
+    if problems:
+        raise ModelLoadError("\n".join(problems))
 
 
 def cmd_verify(args) -> int:
@@ -129,8 +142,6 @@ def cmd_verify(args) -> int:
 def cmd_study(args) -> int:
     from studies.runner import run_study
 
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
     run_study(args.spec, overrides=args.overrides, n_trials=args.n_trials, storage=args.storage,
               worker_id=args.worker_id, progress="trials" if args.quiet else True)
     return 0
@@ -224,9 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where the program is (a KeyboardInterrupt: whatever handles Ctrl-C, such as
+    the tracker's KILLED status or `fuselab ui` stopping its server, handles these too)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:  # leave handlers someone else installed
+            signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        # every library's bars too (lm-eval's per-task ones); tqdm reads TQDM_* when it is imported, so now
+        os.environ["TQDM_DISABLE"] = "1"
     from harness.tracking import quiet_third_party
 
     quiet_third_party()  # before any library is imported: their notices would drown our progress lines
@@ -235,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     from harness.corpus import CorpusError
     from harness.models import ModelLoadError
 
+    _stop_on_signals()
     try:
         return int(args.fn(args) or 0)
+    except _Stopped as exc:  # open MLflow runs were ended KILLED on the way out; `fuselab ui` stopped its server
+        print(f"fuselab: stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except (ConfigError, CorpusError, ModelLoadError, CorruptStageError) as exc:
         print(f"fuselab: error: {exc}", file=sys.stderr)
         return 2

@@ -231,7 +231,7 @@ def _check_weights_safe(spec: ModelSpec, folder: Path) -> None:
         )
 
 
-def check_model(spec: ModelSpec, *, hashes=None) -> list[str]:
+def check_model(spec: ModelSpec, *, hashes=None, deep: bool = True) -> list[str]:
     """Problems that would stop (or silently spoil) a run with this model, found before any stage runs.
 
     Returns one line per problem, each naming the model: a local folder without a usable config.json or
@@ -240,7 +240,8 @@ def check_model(spec: ModelSpec, *, hashes=None) -> list[str]:
     rows, non-finite (NaN/inf) weights; a hub id that is not downloaded when offline; a packaged model that
     is not installed. Reads safetensors headers, the tokenizer and the config (a model built on the meta
     device, no memory); the non-finite scan reads every tensor once per file version (remembered in
-    `hashes`, a `harness.cache.FileHashes`). Micro-world models are built by FuseLab and not checked.
+    `hashes`, a `harness.cache.FileHashes`). `deep=False`: the file checks only (no transformers or torch
+    import: about a second). Micro-world models are built by FuseLab and not checked.
     """
     from harness.cache import FileHashes
 
@@ -270,7 +271,18 @@ def check_model(spec: ModelSpec, *, hashes=None) -> list[str]:
                 raise
     except ModelLoadError as exc:
         return [str(exc)]
-    return _check_folder(spec, folder, hashes)
+    return _check_folder(spec, folder, hashes, deep)
+
+
+def check_models(specs: list[ModelSpec], *, hashes=None) -> list[str]:
+    """`check_model` for each distinct model name, in order (a source named like the target is the target):
+    the file checks of every model first, so a missing or pickle-only file is reported before transformers
+    and torch are even imported; then the deep checks."""
+    unique = list({spec.label: spec for spec in reversed(specs)}.values())[::-1]  # first spec of a name wins
+    problems = [line for spec in unique for line in check_model(spec, hashes=hashes, deep=False)]
+    if problems:
+        return problems
+    return [line for spec in unique for line in check_model(spec, hashes=hashes)]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -278,7 +290,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _check_folder(spec: ModelSpec, folder: Path, hashes) -> list[str]:
+def _check_folder(spec: ModelSpec, folder: Path, hashes, deep: bool = True) -> list[str]:
     label = spec.label
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -312,11 +324,13 @@ def _check_folder(spec: ModelSpec, folder: Path, hashes) -> list[str]:
 
         for f in safe:
             try:
-                with safe_open(str(f), framework="pt") as fh:
+                with safe_open(str(f), framework="numpy") as fh:  # the header only: no torch import
                     for name in fh.keys():
                         header[name] = (tuple(fh.get_slice(name).get_shape()), f.name)
             except Exception as exc:  # safetensors checks the header against the file size
                 return [f"model {label}: weight file {f} is truncated or not a safetensors file ({_first_line(exc)})"]
+    if not deep:
+        return problems
     try:
         from transformers import AutoConfig
 

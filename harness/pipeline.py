@@ -110,15 +110,9 @@ def _tree_identity(root: Path, hashes: FileHashes) -> str:
 
 def check_models(cfg: ExperimentConfig, hashes: FileHashes | None = None) -> list[str]:
     """One line per problem with the target or a source (harness.models.check_model), before any stage runs."""
-    from harness.models import check_model
+    from harness import models
 
-    problems: list[str] = []
-    seen = set()
-    for spec in [cfg.target, *cfg.sources]:
-        if spec.label not in seen:
-            seen.add(spec.label)
-            problems += check_model(spec, hashes=hashes)
-    return problems
+    return models.check_models([cfg.target, *cfg.sources], hashes=hashes)
 
 
 def check_evaluation(cfg: ExperimentConfig) -> list[str]:

@@ -46,6 +46,11 @@ TAG_ROLE = "fuselab.role"  # "experiment" | "method" | "study" | "trial" | "repo
 TAG_STUDY = "fuselab.study"
 TAG_CONFIG_HASH = "fuselab.config_hash"
 TAG_EXPERIMENT = "fuselab.experiment"
+# Which process owns a run: a RUNNING run whose process is gone (kill -9, power loss) is ended KILLED by the
+# next Tracker on that host (`Tracker.close_dead_runs`).
+TAG_HOST = "fuselab.host"
+TAG_PID = "fuselab.pid"
+TAG_PID_START = "fuselab.pid_start"  # the process's start time (clock ticks after boot): pids are reused
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI uses to nest runs
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
@@ -200,6 +205,8 @@ class Tracker:
             if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
                 # Without it MLflow 3's UI opens a GenAI trace dashboard instead of the runs table.
                 self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        with contextlib.suppress(Exception):  # bookkeeping of earlier runs never stops this one
+            self.close_dead_runs()
 
     # -- runs -------------------------------------------------------------------------------------
     @property
@@ -216,7 +223,9 @@ class Tracker:
                   start_time: int | None = None) -> str:
         """Create a RUNNING run (not pushed on the stack); returns its id. `run()` is the usual way.
         start_time: milliseconds since the epoch (default now)."""
-        all_tags = {"mlflow.runName": name, "mlflow.source.name": "fuselab", "mlflow.user": _user()}
+        all_tags = {"mlflow.runName": name, "mlflow.source.name": "fuselab", "mlflow.user": _user(),
+                    TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+                    TAG_PID_START: _process_start(os.getpid()) or ""}
         all_tags.update({k: _tag_value(v) for k, v in (tags or {}).items()})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -225,6 +234,29 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def close_dead_runs(self) -> list[str]:
+        """End KILLED the runs of this experiment that are still RUNNING although the process that opened them
+        on this host is gone (killed with SIGKILL, a crash of the machine); returns their ids. Runs of other
+        hosts are left alone (their processes cannot be seen from here)."""
+        host = socket.gethostname()
+        running = self.client.search_runs([self.experiment_id], filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'"), max_results=10000)
+        closed = []
+        for run in running:
+            tags = run.data.tags
+            try:
+                pid = int(tags.get(TAG_PID, ""))
+            except ValueError:
+                continue
+            started = _process_start(pid)
+            if started is not None and started == tags.get(TAG_PID_START, started):
+                continue  # its process is alive
+            self.client.set_tag(run.info.run_id, "fuselab.error",
+                                f"process {pid} on {host} ended without closing this run (killed)")
+            self.end_run(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+        return closed
 
     @contextmanager
     def run(self, name: str, *, nested: bool = False, tags: dict | None = None, parent_run_id: str | None = None):
@@ -495,6 +527,22 @@ class ExperimentRuns:
             self.logged.add(f"curve:{label}")
 
         return sink
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of a live process (field 22 of /proc/PID/stat, clock ticks after boot); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        if Path("/proc/self/stat").exists():
+            return None
+    try:  # no /proc (macOS): alive or not, start time unknown
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
 
 
 def _user() -> str:

@@ -32,7 +32,7 @@ from .corpus import DOMAINS, SPLITS, CorpusSizes, build_corpus
 from .sources import SOURCE_SPECS, TARGET_NAME, TrainSizes
 from .tasks import build_tasks, task_names, write_task_yamls
 
-MICRO_WORLD_VERSION = "2"  # 2: third source is MPT (was GPT-2)
+MICRO_WORLD_VERSION = "3"  # 2: third source is MPT (was GPT-2); 3: intact-line tasks, specialised sources
 WORLD_FILE = "world.json"
 _BUILDING = re.compile(r"^\.(?P<name>.+)\.building-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -43,7 +43,7 @@ class MicroSizes:
 
     corpus: CorpusSizes = field(default_factory=CorpusSizes)
     train: TrainSizes = field(default_factory=TrainSizes)
-    task_items: int = 100   # items per lm-eval task (fewer if the test split has fewer)
+    task_items: int = 200   # items per lm-eval task (fewer if the test split has fewer)
 
 
 DEFAULT_SIZES = MicroSizes()

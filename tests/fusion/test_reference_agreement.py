@@ -406,9 +406,9 @@ def test_micro_pairs_agree_on_every_position(micro_pairs, pair_name, method):
     counts: dict = {}
     share, total, bad, _ = reference_agreement(micro_pairs[pair_name], method, counts=counts)
     assert share == 1.0, f"{pair_name} {method}: {share:.4f} of {total} positions agree\n{_explain(bad)}"
-    assert total > 1000
     # the rules under test actually fire here
-    assert counts["accepted"] > 500 and counts["onehot"] > 50 and counts["position0_rule"] >= 1
+    assert total > 5000 and counts["accepted"] > 2000 and counts["onehot"] > 2000, counts
+    assert counts["position0_rule"] >= 5, counts
     if method == "em":
         assert counts.get("empty_row", 0) >= 1
     else:
@@ -450,7 +450,7 @@ def test_real_pairs_agree_on_every_position(real_pairs, pair_name, method):
     assert len(pair.texts) >= N_TEXT_DOCS
     share, total, bad, _ = reference_agreement(pair, method, counts=counts)
     assert share == 1.0, f"{pair_name} {method}: {share:.4f} of {total} positions agree\n{_explain(bad)}"
-    assert total > 10_000 and counts["accepted"] > 5000 and counts["onehot"] > 100
+    assert total > 5000 and counts["accepted"] > 2000 and counts["onehot"] > 100, counts
     if method == "em":
         assert counts.get("empty_row", 0) >= 1
     else:

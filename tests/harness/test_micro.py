@@ -133,14 +133,49 @@ def test_task_data_come_from_test_split_and_are_correct(micro_world: MicroWorld)
     test_ids = {r["doc_id"] for r in micro_world.corpus("test")}
     for name in micro_world.task_names():
         rows = [json.loads(line) for line in open(micro_world.tasks_dir / "data" / f"{name}.jsonl")]
-        assert len(rows) == micro_world.info["tasks"]["items"][name] == 100
+        assert len(rows) == micro_world.info["tasks"]["items"][name] == 200
         assert {r["doc_id"] for r in rows} <= test_ids
         if name.endswith("_mc"):
             assert all(len(r["choices"]) == 4 == len(set(r["choices"])) and 0 <= r["gold"] < 4 for r in rows)
-    for row in map(json.loads, open(micro_world.tasks_dir / "data" / "micro_arithmetic_mc.jsonl")):
-        a, op, b = re.fullmatch(r"Q: (\d+) ([+\-*]) (\d+) =", row["context"]).groups()
-        assert row["choices"][row["gold"]] == str({"+": int(a) + int(b), "-": int(a) - int(b),
-                                                   "*": int(a) * int(b)}[op])
+    test_text = "\n".join(r["text"] for r in micro_world.corpus("test"))
+
+    def rows_of(name):
+        return [json.loads(line) for line in open(micro_world.tasks_dir / "data" / f"{name}.jsonl")]
+
+    # Multiple choice: the gold choice is a held-out line after its context; each distractor is that line
+    # with one error of the domain's kind (docs: two words run together; code: one punctuation character
+    # replaced; arithmetic: one step's result off by 1 or 2, same number of digits).
+    punctuation = set("()[]{}:.,=+-*'\"")
+    for row in rows_of("micro_docs_mc") + rows_of("micro_code_mc") + rows_of("micro_arithmetic_mc"):
+        gold = row["choices"][row["gold"]]
+        assert row["context"].endswith("\n") and row["context"] + gold + "\n" in test_text + "\n"
+    for row in rows_of("micro_docs_mc"):
+        gold = row["choices"][row["gold"]]
+        for wrong in (c for i, c in enumerate(row["choices"]) if i != row["gold"]):
+            i = next(i for i, (x, y) in enumerate(zip(gold, wrong)) if x != y)
+            assert gold[i] == " " and gold[i - 1].isalpha() and gold[i + 1].isalpha()
+            assert wrong == gold[:i] + gold[i + 1:]
+    for row in rows_of("micro_code_mc"):
+        gold = row["choices"][row["gold"]]
+        for wrong in (c for i, c in enumerate(row["choices"]) if i != row["gold"]):
+            diff = [(x, y) for x, y in zip(gold, wrong) if x != y]
+            assert len(wrong) == len(gold) and len(diff) == 1 and set(diff[0]) <= punctuation
+    step = re.compile(r"(\d+) ([+*]) (\d+)(?: \+ (\d+))? = (\d+), write")
+    for row in rows_of("micro_arithmetic_mc"):
+        for i, line in enumerate(row["choices"]):
+            facts = [(int(a) + int(b) if op == "+" else int(a) * int(b)) + int(c or 0) - int(s)
+                     for a, op, b, c, s in step.findall(line)]
+            wrong = [d for d in facts if d]
+            assert wrong == [] if i == row["gold"] else (len(wrong) == 1 and abs(wrong[0]) in (1, 2)), line
+    # Generation: the answer is what follows the context in held-out text.
+    for row in rows_of("micro_arithmetic_gen"):
+        a, op, b = re.fullmatch(r"Work: \d+ [+*] \d+: (\d+) ([+*]) (\d+) =", row["context"]).groups()
+        assert row["answer"] == str(int(a) + int(b) if op == "+" else int(a) * int(b))
+    for row in rows_of("micro_docs_gen"):
+        assert re.fullmatch(r"[a-z]{2}", row["answer"]) and re.search(r"[a-z]{4}$", row["context"])
+        assert row["context"] + row["answer"] in test_text
+    for row in rows_of("micro_code_gen"):
+        assert set(row["answer"]) <= set(")]}:,") and row["context"] + row["answer"] + "\n" in test_text + "\n"
     yaml_text = (micro_world.tasks_dir / "micro_docs_mc.yaml").read_text()
     assert str(micro_world.tasks_dir / "data" / "micro_docs_mc.jsonl") in yaml_text
 
@@ -162,6 +197,36 @@ def test_micro_tasks_run_through_lm_eval(micro_world: MicroWorld):
     # generation really ran: the arithmetic answers are digit strings of the model's own making
     responses = [s["filtered_resps"][0] for s in out["samples"]["micro_arithmetic_gen"]]
     assert all(isinstance(r, str) for r in responses)
+
+
+@pytest.mark.slow
+def test_each_source_wins_its_own_domain_tasks_beyond_the_intervals(micro_world: MicroWorld):
+    """Issue 16: the suite must separate the sources; each beats the others on its own domain's
+    multiple-choice task by more than the bootstrap intervals (its interval's low end above every other
+    source's high end), all items, through lm-eval as the eval stage runs it."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from harness.stats import bootstrap_interval, mean_scores
+
+    tasks = ["micro_docs_mc", "micro_code_mc", "micro_arithmetic_mc", "micro_arithmetic_gen", "micro_code_gen"]
+    intervals = {}
+    for name, folder in micro_world.models.items():
+        out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=tasks,
+                                      task_manager=TaskManager(include_path=str(micro_world.tasks_dir)),
+                                      device="cpu", batch_size=16, log_samples=True)
+        for task in tasks:
+            metric = "acc" if task.endswith("_mc") else "exact_match"
+            scores = [float(s[metric]) for s in out["samples"][task]]
+            assert len(scores) == 200
+            intervals[name, task] = bootstrap_interval(mean_scores([scores]))
+    for task in tasks:
+        domain = task.split("_")[1]
+        best = next(n for n, d in micro_world.specialty.items() if d == domain)
+        for other in micro_world.models:
+            if other != best:
+                assert intervals[best, task].lo > intervals[other, task].hi, (
+                    f"{task}: {best} {intervals[best, task]} vs {other} {intervals[other, task]}")
 
 
 def test_cached_world_is_returned_and_other_seed_is_refused(micro_world: MicroWorld, tmp_path):

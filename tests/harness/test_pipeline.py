@@ -140,3 +140,56 @@ def test_plan_cli_shows_cached_and_pending_stages(first_run):
     assert "cached" in lines["corpus"] and "cached" in lines["distributions/neox-code"]
     assert "will run" in lines["fused"] and "will run" in lines["train/fusellm"]
     assert "cached" in lines["train/clm"]
+
+
+def test_reference_switches_reach_the_vocab_and_aligned_stages(tmp_path, micro_world):
+    """`fusion.preset: reference` (with the switches the quickstart spells out set to their reference values too)
+    keys and builds the vocab and aligned stages with every switch: the stage output equals FuseLab's functions
+    called directly with those switches, the target's own top-k included (empty_rows: target)."""
+    import datasets
+    import numpy as np
+
+    from fusion.aligned import align_distribution
+    from fusion.align import dtw_align
+    from fusion.distributions import topk_arrays
+    from fusion.tokens import tokenize_document
+    from fusion.vocab import build_vocab_map
+    from harness.pipeline import _Runner
+
+    few = "corpus.max_docs_per_domain=3"
+    ref = small_config(tmp_path, few, "fusion.preset=reference", "fusion.vocab_map=em", "fusion.alignment=dtw",
+                       "fusion.fallback_onehot=current_token", "fusion.duplicate_ids=first")
+    default = build_plan(small_config(tmp_path, few, "fusion.vocab_map=em"))
+    plan = build_plan(ref)
+    src, tgt = "neox-code", ref.target.label
+    assert plan.stages[f"distributions/{src}"].key == default.stages[f"distributions/{src}"].key
+    assert plan.stages[f"vocab/{src}"].key != default.stages[f"vocab/{src}"].key
+    assert {k: plan.stages[f"vocab/{src}"].settings[k] for k in ("text", "special_tokens")} == \
+        {"text": "reference", "special_tokens": "string"}
+    assert {k: plan.stages[f"aligned/{src}"].settings[k] for k in ("position0", "empty_rows")} == \
+        {"position0": "prepend_marker", "empty_rows": "target"}
+    r = _Runner(plan, progress=False)
+    rows = r.corpus()["train"]
+    for label in (tgt, src):
+        r.distributions(label, rows)
+    vocab_dir = r.vocab(src)
+    aligned = datasets.load_from_disk(str(r.aligned(src, rows) / "dataset"))
+
+    src_tok, tgt_tok = r.tokenizer(src), r.tokenizer(tgt)
+    vm = build_vocab_map("em", src_tok, tgt_tok, text="reference", special_tokens="string")
+    np.testing.assert_array_equal(np.load(vocab_dir / "source_to_target.npy"), vm.source_to_target)
+    np.testing.assert_array_equal(np.load(vocab_dir / "prefixed_to_target.npy"), vm.prefixed_to_target)
+    text = {row["doc_id"]: row["text"] for row in rows}
+    src_rows, tgt_rows = ({row["doc_id"]: row for row in datasets.load_from_disk(
+        str(plan.path(f"distributions/{label}") / "dataset"))} for label in (src, tgt))
+    assert len(aligned) == len(rows) > 0
+    for row in aligned:
+        doc = row["doc_id"]
+        tt, st = tokenize_document(tgt_tok, text[doc]), tokenize_document(src_tok, text[doc])
+        s_ids, s_lp, _ = topk_arrays(src_rows[doc], 10)
+        t_ids, t_lp, _ = topk_arrays(tgt_rows[doc], 10)
+        ids, probs = align_distribution(tt, st, s_ids, s_lp, dtw_align(tt, st), vm, fallback_onehot="current_token",
+                                        duplicate_ids="first", position0="prepend_marker", empty_rows="target",
+                                        target_ids=t_ids, target_logprobs=t_lp)
+        np.testing.assert_array_equal(np.asarray(row["ids"]).reshape(len(tt), -1), ids)
+        np.testing.assert_array_equal(np.asarray(row["probs"], dtype=np.float32).reshape(len(tt), -1), probs)

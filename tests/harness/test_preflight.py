@@ -71,7 +71,7 @@ def test_pickle_only_model_is_refused_in_seconds(tmp_path, llama, good_source):
                      f"`allow_pickle: true` for this model if you trust the files"]
     out, seconds = run_cli(tmp_path, llama, good_source)
     assert_refused_before_any_stage(out, tmp_path, found[0].replace("model bad:", "model tgt:"))
-    print(f"pickle-only model refused by `fuselab run` in {seconds:.1f} s (process start included)")
+    assert seconds < 10  # the whole `fuselab run` process: file checks come before torch is imported
 
 
 def test_vocabulary_larger_than_the_embedding_is_one_line(tmp_path, tokenizers, llama, good_source):
