@@ -36,7 +36,6 @@ class Stage:
     key: StageKey
     settings: dict
     inputs: list[str] = field(default_factory=list)  # names of stages this one reads
-    estimate: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -64,8 +63,7 @@ class Plan:
     def table(self) -> pd.DataFrame:
         rows = []
         for st in self.stages.values():
-            rows.append({"stage": st.name, "key": st.key.key, "status": "cached" if self.cached(st.name) else "will run",
-                         **{k: v for k, v in st.estimate.items()}})
+            rows.append({"stage": st.name, "key": st.key.key, "status": "cached" if self.cached(st.name) else "will run"})
         return pd.DataFrame(rows)
 
 
@@ -168,10 +166,10 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
 
     numerics = _runtime_key_settings(cfg)
 
-    def add(name: str, kind: str, settings: dict, inputs: list[str] = (), **estimate) -> Stage:
+    def add(name: str, kind: str, settings: dict, inputs: list[str] = ()) -> Stage:
         settings = {**settings, **numerics(name)}  # {} unless the runtime changes what a model computes
         key = cache.key(kind, settings, [stages[i].key for i in inputs])
-        stages[name] = Stage(name, kind, key, settings, list(inputs), estimate)
+        stages[name] = Stage(name, kind, key, settings, list(inputs))
         return stages[name]
 
     world_key = None

@@ -399,7 +399,7 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
             uncertainty[name] = pd.DataFrame()
     losses = {}
     for key in run.data.metrics:
-        # `loss/<method>` (Tracker.log_result and the pipeline); `<method>/train_loss` from older runs
+        # `loss/<method>` (the pipeline); `<method>/train_loss` from older runs
         method = key[len("loss/"):] if key.startswith("loss/") else key[: -len("/train_loss")] \
             if key.endswith("/train_loss") else None
         if method:

@@ -393,20 +393,6 @@ class Tracker:
             run_id=rid,
         )
 
-    def log_result(self, result: Any, run_id: str | None = None) -> None:
-        """Everything of a `harness.pipeline.ExperimentResult` the report needs, in a fixed layout:
-        metrics (`result.metrics`, stage timings as `time/<stage>_s`), loss curves as metric histories
-        `loss/<method>`, tables `results/results.csv` and `results/eval_long.csv`."""
-        rid = self._rid(run_id)
-        self.log_metrics(dict(result.metrics), run_id=rid)
-        self.log_metrics({f"time/{k}_s": v for k, v in dict(result.stage_timings).items()}, run_id=rid)
-        for method, points in dict(result.losses).items():
-            if points:
-                self.log_curve(f"loss/{method}", list(points), run_id=rid)
-        self.log_table(result.results, "results/results.csv", run_id=rid)
-        if result.eval_long is not None and len(result.eval_long):
-            self.log_table(result.eval_long, "results/eval_long.csv", run_id=rid)
-
     # -- queries ----------------------------------------------------------------------------------
     def find_runs(self, tags: dict[str, str], *, include_deleted: bool = False) -> list:
         """Runs of this experiment whose tags equal `tags`, oldest first (ties by run id)."""
