@@ -192,26 +192,19 @@ def _cpu_deepspeed_state() -> None:
 def _prepare(cfg, progress: bool):
     """Run (or find cached) every stage the training stages read; -> (plan, runner, train rows, fused path).
 
-    Mirrors the first half of harness.pipeline's execution, through the same runner and cache.
+    The same runner, cache and stage order as `fuselab run` (`StageRunner.prepare_fused`).
     """
     from harness.models import ModelLoadError
-    from harness.pipeline import _Runner, build_plan, check_models
+    from harness.pipeline import StageRunner, build_plan, check_models
 
     plan = build_plan(cfg)
     problems = check_models(cfg, plan.hashes)
     if problems:  # before any stage runs, one line per problem naming the model
         raise ModelLoadError("\n".join(problems))
     plan.cache.clean_stale()
-    r = _Runner(plan, progress)
-    _ = r.world
-    rows = r.corpus()["train"]
-    for spec in [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]:
-        r.distributions(spec.label, rows)
-    for spec in cfg.sources:
-        if spec.label != cfg.target.label:
-            r.vocab(spec.label)
-            r.aligned(spec.label, rows)
-    fused = r.fused(rows)
+    r = StageRunner(plan, progress)
+    corpus, fused = r.prepare_fused()
+    rows = corpus["train"]
     return plan, r, rows, fused
 
 

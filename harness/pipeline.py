@@ -312,7 +312,10 @@ class ExperimentResult:
     comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-class _Runner:
+class StageRunner:
+    """Builds (or finds cached) the stages of one plan: one method per stage kind, each an atomic, locked build
+    through the stage cache. Used by `run_experiment` and by the distributed launcher (harness.launch)."""
+
     def __init__(self, plan: Plan, progress: bool | str, tracker=None, live=None):
         self.plan = plan
         self.cfg = plan.cfg
@@ -451,6 +454,21 @@ class _Runner:
 
         path = self.stage("corpus", build)
         return {p.stem: load_jsonl(p) for p in sorted(path.glob("*.jsonl"))}
+
+    def prepare_fused(self) -> tuple[dict[str, list[dict]], Path]:
+        """Run (or find cached) the world, the corpus and every FuseLLM stage up to the fused set, in plan order;
+        -> (corpus splits, fused stage folder). `fuselab run` and the distributed launcher both start here."""
+        cfg = self.cfg
+        _ = self.world
+        corpus = self.corpus()
+        rows = corpus["train"]
+        for spec in [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]:
+            self.distributions(spec.label, rows)
+        for spec in cfg.sources:
+            if spec.label != cfg.target.label:
+                self.vocab(spec.label)
+                self.aligned(spec.label, rows)
+        return corpus, self.fused(rows)
 
     # -- distributions
     def distributions(self, label: str, train_rows: list[dict]) -> Path:
@@ -990,19 +1008,11 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
 def _execute(plan: Plan, run_dir: Path, progress: bool | str, tracker, live=None) -> ExperimentResult:
     cfg = plan.cfg
     t_all = time.perf_counter()
-    r = _Runner(plan, progress, tracker, live)
+    r = StageRunner(plan, progress, tracker, live)
     if progress:
         print(f"FuseLab experiment {cfg.name} ({cfg.content_hash()}), cache {plan.cache.root}", flush=True)
-    _ = r.world
-    corpus = r.corpus()
+    corpus, fused_path = r.prepare_fused()
     train_rows = corpus["train"]
-    for spec in [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]:
-        r.distributions(spec.label, train_rows)
-    for spec in cfg.sources:
-        if spec.label != cfg.target.label:
-            r.vocab(spec.label)
-            r.aligned(spec.label, train_rows)
-    fused_path = r.fused(train_rows)
 
     def fused_dataset():
         import datasets
@@ -1214,7 +1224,7 @@ def _score_metrics(long: pd.DataFrame, model: str) -> tuple[dict[str, float], di
     return scores, per_task
 
 
-def _track_stage(r: "_Runner", name: str, seconds: float, cached: bool) -> None:
+def _track_stage(r: "StageRunner", name: str, seconds: float, cached: bool) -> None:
     """Stream a finished stage to MLflow: its build time to the experiment's run, its figures to its
     contestant's run; an evaluation logs each model's scores (to its run and, as `<model>/<score>`, to the
     experiment's run) and ends that model's run. A tracking error is reported and the experiment goes on
@@ -1245,7 +1255,7 @@ def _track_stage(r: "_Runner", name: str, seconds: float, cached: bool) -> None:
                     type(exc).__name__, exc)
 
 
-def _curve_sink(r: "_Runner", label: str):
+def _curve_sink(r: "StageRunner", label: str):
     """The training-curve sink of contestant `label` (`fusion.trainer.train_target(on_log=...)`), or None."""
     if r.live is None:
         return None

@@ -154,7 +154,7 @@ def test_reference_switches_reach_the_vocab_and_aligned_stages(tmp_path, micro_w
     from fusion.distributions import topk_arrays
     from fusion.tokens import tokenize_document
     from fusion.vocab import build_vocab_map
-    from harness.pipeline import _Runner
+    from harness.pipeline import StageRunner
 
     few = "corpus.max_docs_per_domain=3"
     ref = small_config(tmp_path, few, "fusion.preset=reference", "fusion.vocab_map=em", "fusion.alignment=dtw",
@@ -168,7 +168,7 @@ def test_reference_switches_reach_the_vocab_and_aligned_stages(tmp_path, micro_w
         {"text": "reference", "special_tokens": "string"}
     assert {k: plan.stages[f"aligned/{src}"].settings[k] for k in ("position0", "empty_rows")} == \
         {"position0": "prepend_marker", "empty_rows": "target"}
-    r = _Runner(plan, progress=False)
+    r = StageRunner(plan, progress=False)
     rows = r.corpus()["train"]
     for label in (tgt, src):
         r.distributions(label, rows)

@@ -86,7 +86,7 @@ def test_pipeline_shards_extraction_itself(micro_world, tmp_path):
     from pathlib import Path
 
     from harness.config import load_config
-    from harness.pipeline import _Runner, build_plan
+    from harness.pipeline import StageRunner, build_plan
 
     quickstart = Path(__file__).resolve().parents[2] / "studies" / "micro_quickstart.yaml"
     cfg = load_config(quickstart, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=5", "runtime.device=cpu",
@@ -94,7 +94,7 @@ def test_pipeline_shards_extraction_itself(micro_world, tmp_path):
     plan = build_plan(cfg)
     single_plan = build_plan(load_config(quickstart, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=5"]))
     assert plan.stages["distributions/neox-code"].key == single_plan.stages["distributions/neox-code"].key
-    runner = _Runner(plan, progress=False)
+    runner = StageRunner(plan, progress=False)
     rows = runner.corpus()["train"]
     stage = runner.distributions("neox-code", rows)
     sharded = datasets.load_from_disk(str(stage / "dataset"))
