@@ -225,7 +225,7 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
     from dataclasses import asdict as dc_asdict
 
     from harness.config import load_config
-    from harness.pipeline import train_settings
+    from harness.pipeline import VOLATILE_FILES, train_settings
 
     launcher = None if launcher in (None, "none") else launcher
     worker_command("job.json", launcher, nproc)  # validates launcher / nproc before any work
@@ -266,7 +266,8 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
             inputs = {str(plan.stages[i].key): plan.cache.digest(plan.stages[i].key)
                       for i in st.inputs if plan.stages[i].kind != "world"}
             with plan.cache.atomic_dir(st.key, meta={"stage": stage, "settings": st.settings,
-                                                     "launcher": launcher, "nproc": nproc}, inputs=inputs) as tmp:
+                                                     "launcher": launcher, "nproc": nproc}, inputs=inputs,
+                                     volatile=VOLATILE_FILES) as tmp:
                 shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
                 shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
             if progress:
