@@ -257,7 +257,9 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
                     shutil.rmtree(dataset)
                 runner.clm_dataset(rows).save_to_disk(str(dataset))
             job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
-                            settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature,
+                            settings=dc_asdict(train_settings(cfg, device=runner.placement.device,
+                                                              bf16=runner.placement.train_bf16(cfg.training.bf16))),
+                            lam=lam, temperature=cfg.fusion.temperature,
                             loss_positions=cfg.fusion.loss_positions)
             if progress:
                 print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
