@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import ConfigError, load_config
+import tiny
+from harness.config import ConfigError, ModelSpec, load_config
+from harness.launch import run_job, write_job
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "micro_quickstart.yaml"
@@ -93,3 +96,26 @@ def test_killed_training_stage_resumes_with_the_uninterrupted_losses_and_weights
     a = load_file(str(stage / "model" / "model.safetensors"))
     b = load_file(str(fresh / "cache" / "train" / key / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_launched_job_keeps_checkpoints_and_a_second_start_resumes(tiny_llama_dir, sp_tokenizer, tmp_path):
+    """The `fuselab train` path: the worker writes checkpoints where the job says; started again (as after a
+    kill), it continues from the newest one instead of step 0."""
+    texts = sorted(set(tiny.TRAIN_TEXT))
+    ids = [sp_tokenizer(t, add_special_tokens=False)["input_ids"] + [sp_tokenizer.eos_token_id] for t in texts]
+    datasets.Dataset.from_dict({"doc_id": list(range(len(ids))), "input_ids": ids}).save_to_disk(str(tmp_path / "d"))
+    settings = {"block_size": 16, "per_device_batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, "max_steps": 6,
+                "logging_steps": 2, "checkpoint_steps": 2, "seed": 0}
+    ckpt = tmp_path / "ckpt"
+    job = write_job(tmp_path / "job", stage="train/clm", model=ModelSpec(ref=str(tiny_llama_dir)).model_dump(mode="json"),
+                    dataset=tmp_path / "d", settings=settings, lam=1.0, checkpoint_dir=ckpt)
+    assert json.loads(job.read_text())["checkpoint_dir"] == str(ckpt)
+    first = run_job(job, None, 1, timeout_s=900, threads=1)
+    assert first["resumed_from_step"] == 0 and first["steps_run"] == 6
+    # the last checkpoint before the end (step 4) stays until the caller publishes the model
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint-4"]
+    again = run_job(write_job(tmp_path / "job", stage="train/clm", model=json.loads(job.read_text())["model"],
+                              dataset=tmp_path / "d", settings=settings, lam=1.0, checkpoint_dir=ckpt),
+                    None, 1, timeout_s=900, threads=1)
+    assert again["resumed_from_step"] == 4 and again["steps_run"] == 2
+    assert again["losses"] == first["losses"]
