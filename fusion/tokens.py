@@ -130,7 +130,7 @@ def token_text(token: str, marker: str, byte_level: bool) -> str:
     Bytes that are not (complete) utf-8, e.g. a token holding the first byte of a multi-byte character,
     decode with errors="surrogateescape": byte 0xNN becomes the lone surrogate U+DCNN, one code point per
     byte. So two byte tokens have equal texts exactly when they stand for the same bytes (byte-level "Ã"
-    and byte-fallback "<0xC3>" are both "\udcc3"), and no byte token ever equals a real character or
+    and byte-fallback "<0xC3>" are both "\\udcc3"), and no byte token ever equals a real character or
     collapses with other byte tokens into one replacement character.
     """
     if byte_level:

@@ -9,7 +9,8 @@
 Each rank loads the target and the dataset and calls `fusion.trainer.train_target` with the
 experiment's `training.deepspeed` (zero2 | zero3 | a JSON path); rank 0 writes `train_result.json`. When all
 ranks exit 0 the parent moves the output into the stage cache atomically, so `fuselab run` then finds
-the trained model cached and goes on with evaluation.
+the trained model cached and goes on with evaluation. Checkpoints go to the stage's folder under
+`<cache>/_checkpoints/` (as in `fuselab run`): a killed job started again resumes from the last one.
 
 Launchers:
 - "torchrun": `python -m torch.distributed.run --standalone --nproc_per_node N` (CPU: gloo; GPU: nccl).
@@ -115,17 +116,19 @@ def run_job(job_path: str | Path, launcher: str | None = "torchrun", nproc: int 
 
 
 def write_job(job_dir: str | Path, *, stage: str, model: dict, dataset: str | Path, settings: dict, lam: float,
-              temperature: float = 1.0, loss_positions: str = "next_label") -> Path:
+              temperature: float = 1.0, loss_positions: str = "next_label",
+              checkpoint_dir: str | Path | None = None) -> Path:
     """Write `job.json`: model (a ModelSpec dump with a local `ref`), dataset (save_to_disk folder),
-    settings (fusion.trainer.TrainSettings fields), lam, temperature, loss_positions. Output goes to
-    `<job_dir>/output/`."""
+    settings (fusion.trainer.TrainSettings fields), lam, temperature, loss_positions, checkpoint_dir (where the
+    workers keep resumable checkpoints; None: none). Output goes to `<job_dir>/output/`."""
     job_dir = Path(job_dir)
     out = job_dir / "output"
     if out.exists():
         shutil.rmtree(out)
     job_dir.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "model": model, "dataset": str(dataset), "output": str(out), "settings": settings,
-           "lam": lam, "temperature": temperature, "loss_positions": loss_positions}
+           "lam": lam, "temperature": temperature, "loss_positions": loss_positions,
+           "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None}
     path = job_dir / "job.json"
     path.write_text(json.dumps(job, indent=2))
     return path
@@ -156,7 +159,8 @@ def run_worker(job_path: str | Path) -> None:
     out = Path(job["output"])
     result = train_target(loaded.model, loaded.tokenizer, dataset, out / "model", settings,
                           lam=float(job["lam"]), temperature=float(job["temperature"]),
-                          loss_positions=job["loss_positions"])
+                          loss_positions=job["loss_positions"], label=job["stage"].rsplit("/", 1)[-1],
+                          checkpoint_dir=job.get("checkpoint_dir"))
     if rank == 0:
         import deepspeed.comm
 
@@ -218,7 +222,7 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
     from dataclasses import asdict as dc_asdict
 
     from harness.config import load_config
-    from harness.pipeline import train_settings
+    from harness.pipeline import VOLATILE_FILES, train_settings
 
     launcher = None if launcher in (None, "none") else launcher
     worker_command("job.json", launcher, nproc)  # validates launcher / nproc before any work
@@ -250,8 +254,10 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
                     shutil.rmtree(dataset)
                 runner.clm_dataset(rows).save_to_disk(str(dataset))
             job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
-                            settings=dc_asdict(train_settings(cfg)), lam=lam, temperature=cfg.fusion.temperature,
-                            loss_positions=cfg.fusion.loss_positions)
+                            settings=dc_asdict(train_settings(cfg, device=runner.placement.device,
+                                                              bf16=runner.placement.train_bf16(cfg.training.bf16))),
+                            lam=lam, temperature=cfg.fusion.temperature,
+                            loss_positions=cfg.fusion.loss_positions, checkpoint_dir=runner.checkpoint_dir(stage))
             if progress:
                 print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
                       f"log {job.parent / 'launch.log'}", flush=True)
@@ -259,9 +265,11 @@ def launch_training(config: str | Path, overrides: list[str] = (), launcher: str
             inputs = {str(plan.stages[i].key): plan.cache.digest(plan.stages[i].key)
                       for i in st.inputs if plan.stages[i].kind != "world"}
             with plan.cache.atomic_dir(st.key, meta={"stage": stage, "settings": st.settings,
-                                                     "launcher": launcher, "nproc": nproc}, inputs=inputs) as tmp:
+                                                     "launcher": launcher, "nproc": nproc}, inputs=inputs,
+                                     volatile=VOLATILE_FILES) as tmp:
                 shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
                 shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
+            shutil.rmtree(runner.checkpoint_dir(stage), ignore_errors=True)  # published: a rerun has nothing to resume
             if progress:
                 print(f"           {stage} done in {result['launch_seconds']:.1f} s", flush=True)
     return 0

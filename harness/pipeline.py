@@ -434,6 +434,7 @@ class StageRunner:
         """Record where a stage's models ran: <stage folder>/runtime.json, the run's runtime.json, MLflow."""
         self.runtime_used[stage] = used
         (tmp / "runtime.json").write_text(json.dumps(used, indent=2))
+        self.say(f"           {stage} ran on {_describe_used(used)}")
 
     # -- corpus
     def corpus(self) -> dict[str, list[dict]]:
@@ -875,6 +876,15 @@ def _where(lm_obj) -> dict:
     return {"device": str(getattr(lm_obj, "device", "?"))}
 
 
+def _describe_used(used: dict) -> str:
+    """runtime.json -> one line: "cuda:0 bfloat16", or "model=cuda:0 bfloat16; ..." for several models."""
+    if "members" in used:
+        return "; ".join(f"{m}={_describe_used(v)}" for m, v in used["members"].items())
+    if "device" in used:
+        return f"{used['device']} {used.get('dtype', '')}".strip()
+    return "; ".join(f"{m}={_describe_used(v)}" for m, v in used.items())
+
+
 def _trained_on(device: str | None) -> str:
     # what the HF Trainer does with FuseLab's device setting (fusion.trainer.training_arguments)
     import torch
@@ -1099,15 +1109,8 @@ def runtime_params(cfg: ExperimentConfig, run_dir: Path) -> dict[str, str]:
     rec = json.loads((run_dir / "runtime.json").read_text())
     out = {f"placement.{k}": str(v) for k, v in rec["runtime"].items()}  # runtime.* holds the config as written
 
-    def short(u: dict) -> str:
-        if "members" in u:
-            return "; ".join(f"{m}={short(v)}" for m, v in u["members"].items())
-        if "device" in u:
-            return f"{u['device']} {u.get('dtype', '')}".strip()
-        return "; ".join(f"{m}={short(v)}" for m, v in u.items())
-
     for stage, used in rec["stages"].items():
-        out["device/" + stage.replace(":", "_")] = short(used)[:500]
+        out["device/" + stage.replace(":", "_")] = _describe_used(used)[:500]
     return out
 
 

