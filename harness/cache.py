@@ -9,8 +9,9 @@ stages it was built from), then the `_COMPLETE` marker are written and fsynced, 
 into place. A run killed at any point (even `kill -9`) leaves no directory that looks complete.
 
 Reading: `status(key)` checks a stage against its manifest: cheaply by default (every listed file present
-with its recorded size, no file added but the caches `datasets` writes next to a saved dataset), by content (sha256 of every file) with `full=True` (`fuselab verify`,
-the evaluation stages a report is made from, and every stage a new build is about to read). A stage whose
+with its recorded size, no file added but the caches `datasets` writes next to a saved dataset), by content
+(sha256 of every file) with `full=True` (`fuselab verify`, the evaluation stages a report is made from, and
+every stage a new build is about to read). A stage whose
 files do not match is `corrupt`; the pipeline removes it (`discard`) and builds it again. A stage also
 counts as corrupt when one of its inputs now has other content than when it was built (that input was
 rebuilt, not deterministically), so dependents of a rebuilt stage follow it.

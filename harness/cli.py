@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="processes for distribution extraction (torchrun; one per GPU with runtime.device cuda); "
                          "same as runtime.extraction_nproc=N")
     sp.set_defaults(fn=cmd_run)
-    sp = sub.add_parser("verify", help="check cached stages by content hash; remove corrupt ones so `run` rebuilds them")
+    sp = sub.add_parser("verify", help="check cached stages by content hash; remove corrupt ones (`run` rebuilds them)")
     with_config(sp)
     sp.add_argument("--all", action="store_true", help="every stage in the work dir's cache, not one config's")
     sp.add_argument("--workdir", default=os.environ.get("FUSELAB_WORKDIR", ".fuselab"), help="with --all")

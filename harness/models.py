@@ -212,13 +212,6 @@ def _hub_snapshot(spec: ModelSpec, local_only: bool = False) -> str:
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def fingerprint(spec: ModelSpec, resolved: str) -> str:
-    """Short identity of a model's content (see `identity`); kept for callers that want one string."""
-    from harness.config import stable_hash
-
-    return stable_hash(identity(spec.model_copy(update={"ref": resolved})))
-
-
 def _check_weights_safe(spec: ModelSpec, folder: Path) -> None:
     if not folder.is_dir():
         return

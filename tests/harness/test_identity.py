@@ -209,7 +209,8 @@ def _alternatives(path: str, value, scratch: Path):
     special = {"lr_scheduler": ["linear"], "deepspeed": ["zero2"], "combiner": ["max_prob", "mince"],
                "weights": [[0.5, 0.3, 0.2]], "suites": [["micro", "bbh"]], "members": [["llama-docs", "neox-code"]],
                "name": ["other-name"], "dtype": ["float16"], "data_dir": [str(scratch)], "paths": [["/tmp/x.txt"]],
-               "ref": ["micro:other-model"], "encoding": ["latin-1"], "method": ["slerp", "task_arithmetic"], "device": ["cpu"]}
+               "ref": ["micro:other-model"], "encoding": ["latin-1"], "method": ["slerp", "task_arithmetic"],
+               "device": ["cpu"]}
     yield from special.get(path.split(".")[-1], [])
     if isinstance(value, bool):
         yield not value

@@ -38,7 +38,7 @@ def problems(folder: Path, **spec) -> list[str]:
     return check_model(ModelSpec(name="bad", ref=str(folder), **spec))
 
 
-def run_cli(tmp_path: Path, target: Path, source: Path, command: str = "run") -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(tmp_path: Path, target: Path, source: Path, command: str = "run"):
     cfg = write_config(tmp_path / "exp.yaml", tmp_path / "wd", target, [("tgt", target), ("src", source)],
                        write_corpus(tmp_path / "corpus"))
     args = [sys.executable, "-m", "harness.cli", command, str(cfg)] + (["--no-track"] if command == "run" else [])

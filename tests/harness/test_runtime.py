@@ -203,3 +203,30 @@ def test_a_loaded_pair_scores_as_the_folder_does(micro_world):
     cols = ["task", "metric", "value", "stderr", "n"]
     assert len(by_path) > 0
     assert by_pair[cols].equals(by_path[cols])
+
+
+def test_runtime_params_go_to_mlflow_beside_the_config(tmp_path):
+    """What run_experiment logs: the config's runtime.* (as written) and placement.* / device/<stage> (as run)
+    side by side in one MLflow run, stage names made valid param keys."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import Tracker
+
+    cfg = load_config(QUICKSTART, [f"workdir={tmp_path}", "runtime.device=cpu"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "runtime.json").write_text(json.dumps({
+        "runtime": {"device": "cpu", "dtype": "auto", "attn_implementation": "auto", "extraction_nproc": 2},
+        "stages": {"distributions/neox-code": {"device": "cpu", "dtype": "float32", "processes": 2},
+                   "eval/merge:ties": {"merge:ties": {"device": "cpu", "dtype": "float32"}},
+                   "eval/ensemble": {"ensemble": {"members": {"a": {"device": "cpu", "dtype": "float32"}}}}}}))
+    tracker = Tracker(None, "runtime-params", tmp_path / "mlflow")
+    with tracker.run("exp") as run:
+        tracker.log_config(cfg)
+        tracker.log_params(runtime_params(cfg, run_dir))
+    params = MlflowClient(tracker.uri).get_run(run.info.run_id).data.params
+    assert params["runtime.device"] == "cpu" and params["placement.device"] == "cpu"
+    assert params["placement.extraction_nproc"] == "2"
+    assert params["device/distributions/neox-code"] == "cpu float32"
+    assert params["device/eval/merge_ties"] == "merge:ties=cpu float32"
+    assert params["device/eval/ensemble"] == "ensemble=a=cpu float32"
