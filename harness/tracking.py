@@ -245,6 +245,8 @@ class Tracker:
         closed = []
         for run in running:
             tags = run.data.tags
+            if tags.get(TAG_ROLE) == "study":
+                continue  # shared by all of a study's workers, whoever created it; run_study closes it when done
             try:
                 pid = int(tags.get(TAG_PID, ""))
             except ValueError:

@@ -25,6 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FUSELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def no_ambient_tracking_uri(monkeypatch):
+    """Every test logs to the store it names: FuseLab honours MLFLOW_TRACKING_URI, and `mlflow.set_tracking_uri`
+    (called by tests that read runs back) exports it, which would send the next test's runs to that store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real evaluation/text data (../shared/data). Absent only in a user's fresh clone."""

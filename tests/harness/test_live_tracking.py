@@ -75,6 +75,18 @@ def test_contestant_runs_params_order_curves_and_no_repeats(tracker):
     assert live.logged == {"curve:fusellm", "stage:train/fusellm"}
 
 
+def test_a_dead_workers_shared_study_run_stays_open(tracker):
+    # the study's parent run carries the pid of whichever worker created it; the other workers go on with it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = {"fuselab.pid": str(dead.pid), "fuselab.pid_start": "1"}
+    study = tracker.start_run("study s", tags={"fuselab.role": "study", **gone})
+    trial = tracker.start_run("trial 0", tags={"fuselab.role": "trial", **gone}, parent_run_id=study)
+    assert tracker.close_dead_runs() == [trial]
+    client = MlflowClient(tracker.uri)
+    assert client.get_run(study).info.status == "RUNNING" and client.get_run(trial).info.status == "KILLED"
+
+
 def test_third_party_notices_are_dropped_and_nothing_else(caplog):
     quiet_third_party()
     ds = logging.getLogger("DeepSpeed")
