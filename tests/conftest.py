@@ -26,10 +26,14 @@ SHARED_DATA = Path(os.environ.get("FUSELAB_SHARED_DATA", REPO.parent / "shared" 
 
 
 @pytest.fixture(autouse=True)
-def no_ambient_tracking_uri(monkeypatch):
+def no_ambient_tracking_uri():
     """Every test logs to the store it names: FuseLab honours MLFLOW_TRACKING_URI, and `mlflow.set_tracking_uri`
-    (called by tests that read runs back) exports it, which would send the next test's runs to that store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (called by tests that read runs back) exports it, which would send the next test's runs to that store.
+    Cleared before and after each test: a module-scoped fixture of the next module is set up between the two
+    (monkeypatch would not undo a variable that was absent when it started)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")
