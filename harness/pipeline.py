@@ -846,7 +846,6 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
 
 def _load_folder(folder: Path, device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = None):
