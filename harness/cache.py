@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from harness.config import stable_hash
+from harness.processes import pid_alive
 
 COMPLETE = "_COMPLETE"
 MANIFEST = "_MANIFEST.json"
@@ -322,7 +323,7 @@ class StageCache:
                 pid = int(tmp.name.split("-")[2])
             except (IndexError, ValueError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed += 1
         return removed
@@ -409,16 +410,6 @@ class FileHashes:
             cached = sha256_file(Path(file))
             self.put(file, "sha256", cached)
         return cached
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_file(path: Path) -> None:

@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.processes import pid_alive
+
 MB = 1024 * 1024
 MODE_ENV = "FUSELAB_SANDBOX"
 CGROUP_ENV = "FUSELAB_SANDBOX_CGROUP"
@@ -325,16 +327,6 @@ def _counter(path: str, name: str) -> int:
     return 0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _Cgroup:
     """A cgroup (v2, or v1 memory+pids) holding one run: the kernel enforces its total memory and task count."""
 
@@ -390,7 +382,7 @@ class _Cgroup:
                 pid = int(os.path.basename(entry).split("-")[2])
             except (IndexError, ValueError):
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.rmdir(entry)
 

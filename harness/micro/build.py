@@ -31,6 +31,7 @@ from pathlib import Path
 from .corpus import DOMAINS, SPLITS, CorpusSizes, build_corpus
 from .sources import SOURCE_SPECS, TARGET_NAME, TrainSizes
 from .tasks import build_tasks, task_names, write_task_yamls
+from harness.processes import pid_alive
 
 MICRO_WORLD_VERSION = "3"  # 2: third source is MPT (was GPT-2); 3: intact-line tasks, specialised sources
 WORLD_FILE = "world.json"
@@ -99,23 +100,13 @@ class MicroWorld:
         return world
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_builds(root: Path) -> None:
     """Delete temporary build folders of `root` left by builds whose process is gone."""
     if not root.parent.is_dir():
         return
     for path in root.parent.iterdir():
         m = _BUILDING.match(path.name)
-        if m and m["name"] == root.name and not _pid_alive(int(m["pid"])):
+        if m and m["name"] == root.name and not pid_alive(int(m["pid"])):
             shutil.rmtree(path, ignore_errors=True)
 
 
