@@ -132,6 +132,11 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
         rows.append(_domain_rows(domain, math.fsum(sums), n_tokens, n_bytes))
     if bar is not None:
         bar.close()
+    return _frames(rows, doc_rows, per_document)
+
+
+def _frames(rows: list[dict], doc_rows: list[dict], per_document: bool):
+    """The per-domain table (and, with per_document, the per-document one) from the rows a scorer collected."""
     out = pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
                                       "bits_per_byte"])
     return (out, pd.DataFrame(doc_rows, columns=DOC_COLUMNS)) if per_document else out
@@ -179,6 +184,4 @@ def lm_perplexity_by_domain(lm, texts_by_domain: dict[str, list[str]], *, window
         rows.append(_domain_rows(domain, math.fsum(sums), n_tokens, n_bytes))
     if bar is not None:
         bar.close()
-    out = pd.DataFrame(rows, columns=["domain", "n_tokens", "n_bytes", "nll_nats", "token_perplexity",
-                                      "bits_per_byte"])
-    return (out, pd.DataFrame(doc_rows, columns=DOC_COLUMNS)) if per_document else out
+    return _frames(rows, doc_rows, per_document)
