@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from harness.figures import plot_losses, plot_methods
+
 
 METHOD_ORDER = ("source", "target", "CLM-only", "FuseLLM", "ensemble", "merge", "domain expert")
 TARGET_METHOD = "target"
@@ -229,59 +231,6 @@ def experiment_table(result_or_runs: Any, *, per_task: bool = False, gains: bool
     return out
 
 
-# -------------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_methods(table: pd.DataFrame, out: Path, stderr: pd.DataFrame | None = None) -> Path:
-    """Bars per model for each suite average (error bars: suite stderr) and for bpb_avg."""
-    plt = _plt()
-    scores = [c for c in table.columns if c != "method" and "(%)" not in c and "/" not in c
-              and not c.startswith("bpb_")]
-    panels = scores + (["bpb_avg"] if "bpb_avg" in table.columns else [])
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 4), squeeze=False)
-    for ax, col in zip(axes[0], panels):
-        vals = table[col].astype(float)
-        err = None
-        if stderr is not None and col in getattr(stderr, "columns", []):
-            err = [float(stderr.loc[m, col]) if m in stderr.index else 0.0 for m in table.index]
-        colors = [f"C{_method_rank(m)}" for m in table["method"]]
-        ax.bar(range(len(vals)), vals.fillna(0).values, yerr=err, capsize=3, color=colors)
-        ax.set_xticks(range(len(vals)), [str(m) for m in table.index], rotation=45, ha="right", fontsize=8)
-        ax.set_title(col + (" (bits/byte, lower is better)" if col.startswith("bpb") else " (accuracy)"), fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out)
-
-
-def plot_losses(losses: dict[str, list[tuple[int, float]]], out: Path) -> Path:
-    """Training loss (nats/token) per optimizer step, one line per method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in losses.items():
-        if pts:
-            steps, vals = zip(*pts)
-            ax.plot(steps, vals, marker=".", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, out)
-
-
-def _save(fig, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    _plt().close(fig)
-    return out
-
-
 # ------------------------------------------------------------------------------------------ reports
 def _fmt(df: pd.DataFrame, digits: int = 4) -> str:
     return df.to_markdown(floatfmt=f".{digits}g") + "\n"
@@ -333,7 +282,7 @@ def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str
                 shown = tasks.T
                 shown.index.name = "task"
                 md += ["## Per task\n", _fmt(shown)]
-        plot_methods(table, out_dir / "methods.png", suite_stderr(data.eval_long))
+        plot_methods(table, out_dir / "methods.png", suite_stderr(data.eval_long), intervals=data.intervals)
         md.append("![methods](methods.png)\n")
         if any(data.losses.values()):
             plot_losses(data.losses, out_dir / "losses.png")

@@ -12,7 +12,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from harness.report import CLM_METHOD, TARGET_METHOD, _fmt, _num, _plt, _save, experiment_report, write_report
+from harness.figures import INTERVAL_LABEL, _plt, _save, draw_bars, is_bpb, method_color
+from harness.report import CLM_METHOD, TARGET_METHOD, _fmt, _num, experiment_report, write_report
 from studies.attrs import ATTR_ERROR, ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE, ATTR_SETTING
 from studies.spec import SEED_PARAM, load_spec
 
@@ -123,9 +124,10 @@ def ablation_baselines(study, metrics: Iterable[str] | None = None) -> pd.DataFr
 
 
 
-def plot_ablation_heatmap(ablation: pd.DataFrame, params: list[str], metric: str, out: Path) -> Path:
+def ablation_heatmap_figure(ablation: pd.DataFrame, params: list[str], metric: str):
     """Mean `metric` over seeds on a grid of the first two params (one row for a single param); other
-    params are averaged. Cells show mean +- std."""
+    params are averaged. Cells show mean ± std ("n/a" where no run has the metric); for bits per byte the
+    colour scale is reversed so that brighter is better for every metric. Returns the Figure."""
     plt = _plt()
     mean_col, std_col = f"{metric} mean", f"{metric} std"
     rows_p = params[0]
@@ -136,54 +138,104 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, params: list[str], metric: str
         df["_"] = metric
         cols_p = "_"
     df[cols_p] = df[cols_p].astype(str)
-    mean = df.pivot_table(index=rows_p, columns=cols_p, values=mean_col, aggfunc="mean", sort=False)
+    mean = df.pivot_table(index=rows_p, columns=cols_p, values=mean_col, aggfunc="mean", sort=False, dropna=False)
     std = df.pivot_table(index=rows_p, columns=cols_p, values=std_col, aggfunc="mean", sort=False, dropna=False)
-    fig, ax = plt.subplots(figsize=(1.8 * mean.shape[1] + 2.5, 0.9 * mean.shape[0] + 1.8))
-    im = ax.imshow(mean.values.astype(float), cmap="viridis", aspect="auto")
+    std = std.reindex(index=mean.index, columns=mean.columns)
+    fig, ax = plt.subplots(figsize=(1.8 * mean.shape[1] + 2.5, 0.9 * mean.shape[0] + 1.8), layout="constrained")
+    im = ax.imshow(mean.values.astype(float), cmap="viridis_r" if is_bpb(metric) else "viridis", aspect="auto")
     for i in range(mean.shape[0]):
         for j in range(mean.shape[1]):
-            m = mean.values[i, j]
-            s = std.reindex(index=mean.index, columns=mean.columns).values[i, j]
-            text = f"{m:.4g}" + ("" if pd.isna(s) else f"\n± {s:.2g}")
-            ax.text(j, i, text, ha="center", va="center", color="w", fontsize=8)
+            m, sd = mean.values[i, j], std.values[i, j]
+            text = "n/a" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(sd) else f"\n± {sd:.2g}")
+            ax.text(j, i, text, ha="center", va="center", color="w" if not pd.isna(m) else "0.3", fontsize=8)
     ax.set_xticks(range(mean.shape[1]), list(mean.columns), fontsize=8)
     ax.set_yticks(range(mean.shape[0]), list(mean.index), fontsize=8)
     ax.set_xlabel("" if cols_p == "_" else cols_p)
     ax.set_ylabel(rows_p)
     ax.set_title(f"{metric} (mean ± std over seeds)", fontsize=9)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return _save(fig, out)
+    fig.colorbar(im, ax=ax, label=metric + (" (lower is better)" if is_bpb(metric) else " (higher is better)"))
+    return fig
+
+
+def plot_ablation_heatmap(ablation: pd.DataFrame, params: list[str], metric: str, out: Path) -> Path:
+    """`ablation_heatmap_figure` saved as PNG at `out`."""
+    return _save(ablation_heatmap_figure(ablation, params, metric), out)
+
+
+def _setting_labels(frame: pd.DataFrame, params: list[str]) -> list[str]:
+    return [", ".join(str(r[p]) for p in params) for _, r in frame.iterrows()]
+
+
+def _draw_baselines(ax, baselines: pd.DataFrame | None, metric: str) -> list:
+    """The target and CLM-only as vertical lines at their mean over seeds, their interval as a band where one
+    exists; returns the legend handles."""
+    handles = []
+    if baselines is None or not len(baselines) or f"{metric} mean" not in baselines.columns:
+        return handles
+    for _, row in baselines.iterrows():
+        mean = row.get(f"{metric} mean")
+        if pd.isna(mean):
+            continue
+        color = method_color(row["method"])
+        label = f"{row['method']} ({row['model']}, {int(row['n_seeds'])} seeds)"
+        handles.append(ax.axvline(mean, color=color, linestyle="--", linewidth=1.5, label=label))
+        lo, hi = row.get(f"{metric} lo"), row.get(f"{metric} hi")
+        if not (pd.isna(lo) or pd.isna(hi)):
+            ax.axvspan(lo, hi, color=color, alpha=0.15)
+    return handles
+
+
+def _baseline_values(baselines: pd.DataFrame | None, metric: str) -> list[float]:
+    cols = [f"{metric} {s}" for s in ("mean", "lo", "hi")]
+    if baselines is None or not len(baselines):
+        return []
+    return [float(v) for c in cols if c in baselines.columns for v in baselines[c]]
+
+
+def _draw_seeds(ax, runs: pd.DataFrame | None, ablation: pd.DataFrame, params: list[str], metric: str) -> list:
+    """Each seed's value of `metric` as a small dot on its setting's row; returns the legend handle."""
+    if runs is None or metric not in getattr(runs, "columns", []):
+        return []
+    rows = {label: i for i, label in enumerate(_setting_labels(ablation, params))}
+    pts = [(float(v), rows[label]) for label, v in zip(_setting_labels(runs, params), runs[metric])
+           if label in rows and not pd.isna(v)]
+    if not pts:
+        return []
+    x, y = zip(*pts)
+    return [ax.scatter(x, y, s=12, color="black", alpha=0.6, zorder=3, label="one seed")]
+
+
+def ablation_bars_figure(ablation: pd.DataFrame, params: list[str], metric: str,
+                         baselines: pd.DataFrame | None = None, runs: pd.DataFrame | None = None):
+    """One horizontal bar per setting: mean `metric` over seeds, its 95% interval over seeds as an error bar
+    where it exists (none for one seed), "n/a" where missing; each seed's value as a dot (`runs`:
+    `study_runs`); `baselines` (`ablation_baselines`): the target and CLM-only as dashed lines with their
+    interval as a band, on the same axes. Bits per byte on an axis around the data. Returns the Figure."""
+    plt = _plt()
+    from matplotlib.patches import Patch
+
+    labels = _setting_labels(ablation, params)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 2.2), layout="constrained")
+    lo, hi = (ablation.get(f"{metric} {end}") for end in ("lo", "hi"))
+    draw_bars(ax, labels, ablation[f"{metric} mean"].astype(float).values, [method_color("FuseLLM")] * len(labels),
+              lo=lo, hi=hi, from_zero=not is_bpb(metric), extra=_baseline_values(baselines, metric))
+    handles = [Patch(color=method_color("FuseLLM"), label="FuseLLM, mean over seeds")]
+    if any(c.get_label() == INTERVAL_LABEL for c in ax.containers):
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="black", marker="|", markersize=10, label="95% interval over seeds"))
+    handles += _draw_seeds(ax, runs, ablation, params, metric) + _draw_baselines(ax, baselines, metric)
+    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncol=2)
+    ax.set_xlabel(metric + (" (bits per byte, lower is better; axis not from 0)" if is_bpb(metric)
+                            else " (higher is better)"), fontsize=8)
+    ax.set_ylabel(" x ".join(params), fontsize=8)
+    return fig
 
 
 def plot_ablation_bars(ablation: pd.DataFrame, params: list[str], metric: str, out: Path,
-                       baselines: pd.DataFrame | None = None) -> Path:
-    """One bar per setting: mean `metric` over seeds with its 95% interval over seeds as error bars (none with
-    one seed); `baselines` (`ablation_baselines`): the target and CLM-only as horizontal lines with their
-    interval as a band, on the same axes."""
-    plt = _plt()
-    labels = [", ".join(str(r[p]) for p in params) for _, r in ablation.iterrows()]
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
-    mean = ablation[f"{metric} mean"].astype(float)
-    if f"{metric} lo" in ablation.columns and ablation[f"{metric} lo"].notna().any():
-        err = [(mean - ablation[f"{metric} lo"]).fillna(0).clip(lower=0).values,
-               (ablation[f"{metric} hi"] - mean).fillna(0).clip(lower=0).values]
-    else:
-        err = ablation[f"{metric} std"].fillna(0).values
-    ax.bar(range(len(labels)), mean, yerr=err, capsize=4, color="C3", label="FuseLLM (setting)")
-    if baselines is not None and len(baselines) and f"{metric} mean" in baselines.columns:
-        for _, row in baselines.iterrows():
-            color = "C1" if row["method"] == TARGET_METHOD else "C2"
-            ax.axhline(row[f"{metric} mean"], color=color, linestyle="--",
-                       label=f"{row['method']} ({row['model']})")
-            if not pd.isna(row.get(f"{metric} lo")):
-                ax.axhspan(row[f"{metric} lo"], row[f"{metric} hi"], color=color, alpha=0.15)
-        ax.legend(fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(" x ".join(params), fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out)
+                       baselines: pd.DataFrame | None = None, runs: pd.DataFrame | None = None) -> Path:
+    """`ablation_bars_figure` saved as PNG at `out`."""
+    return _save(ablation_bars_figure(ablation, params, metric, baselines, runs), out)
 
 
 def param_importances(study) -> dict[str, float]:
@@ -255,7 +307,7 @@ def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
                "seeds.\n", _fmt(shown.fillna("").set_index(params[0]))]
         if f"{objective} mean" in ab.columns:
             plot_ablation_heatmap(ab, params, objective, out_dir / "ablation_heatmap.png")
-            plot_ablation_bars(ab, params, objective, out_dir / "ablation_bars.png", baselines=base)
+            plot_ablation_bars(ab, params, objective, out_dir / "ablation_bars.png", baselines=base, runs=runs)
             md.append("![ablation heatmap](ablation_heatmap.png)\n\n![ablation bars](ablation_bars.png)\n")
         imp = param_importances(study)
         if imp:
