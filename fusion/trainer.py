@@ -41,6 +41,8 @@ class TrainSettings:
     checkpoint_steps: how often `train_target` saves a resumable checkpoint when it is given a checkpoint_dir:
     None = about AUTO_CHECKPOINTS evenly spaced checkpoints per run, 0 = none, N = every N optimizer steps.
     Always a multiple of logging_steps, so that a resumed run logs the same loss averages as an uninterrupted one.
+    extra_args: further `transformers.TrainingArguments` fields, passed through (`check_extra_args` says which
+    are accepted); they win over FuseLab's defaults for the fields in `DEFAULTED_ARGS`.
     """
 
     block_size: int = 2048
@@ -62,6 +64,7 @@ class TrainSettings:
     deepspeed: str | None = None
     device: str | None = None
     checkpoint_steps: int | None = None
+    extra_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -317,9 +320,92 @@ def require_position_ids(model) -> None:
 CONFIGURED_STATE_ENV = "FUSELAB_CONFIGURED_STATE"
 
 
+# TrainingArguments fields FuseLab derives from its own settings: `extra_args` may not set them (one place says
+# each value, and the cache keys of trained models see it). Value: why, or what to set instead.
+CONTROLLED_ARGS = {
+    "output_dir": "it is the stage's cache folder",
+    "per_device_train_batch_size": "set training.per_device_batch_size",
+    "gradient_accumulation_steps": "set training.grad_accum",
+    "learning_rate": "set training.lr",
+    "warmup_steps": "set training.warmup_ratio",
+    "weight_decay": "set training.weight_decay",
+    "max_grad_norm": "set training.max_grad_norm",
+    "num_train_epochs": "set training.num_epochs",
+    "max_steps": "set training.max_steps",
+    "seed": "set the config's seed",
+    "data_seed": "set the config's seed",
+    "lr_scheduler_type": "set training.lr_scheduler",
+    "bf16": "set training.bf16",
+    "logging_steps": "set training.logging_steps",
+    "deepspeed": "set training.deepspeed",
+    "remove_unused_columns": "always False: the collator needs the fused columns",
+    "use_cpu": "set runtime.device",
+    "accelerator_config": "set by the launcher",
+    "resume_from_checkpoint": "a killed run resumes from its last checkpoint by itself (training.checkpoint_steps)",
+}
+# Fields FuseLab sets by default; `extra_args` wins over these.
+DEFAULTED_ARGS = ("report_to", "save_strategy", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory")
+
+
+def _value_problem(value, annotation) -> str | None:
+    """Why `value` cannot be a TrainingArguments field of type `annotation` (None when it can). Only what holds
+    on any machine is checked (types, enum choices); hardware-dependent checks (tf32...) happen at training."""
+    import enum
+    import types
+    import typing
+
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(
+        annotation) is typing.Union else (annotation,)
+    if value is None:
+        return None if type(None) in options else "may not be null"
+    for enum_type in (o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)):
+        choices = [e.value for e in enum_type]
+        if value not in choices:
+            return f"{value!r} is not one of {', '.join(map(str, choices))}"
+        return None
+    plain = [o for o in options if o in (bool, int, float, str)]
+    if not plain or len(plain) != len([o for o in options if o is not type(None)]):
+        return None  # dicts, lists, mixed unions: TrainingArguments checks them when training starts
+    fits = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
+    return None if any(fits[o] for o in plain) else f"{value!r} is not a {' or '.join(o.__name__ for o in plain)}"
+
+
+def check_extra_args(extra_args: dict) -> None:
+    """ValueError naming the first field of `extra_args` that the installed transformers' TrainingArguments does not
+    have, that FuseLab controls (`CONTROLLED_ARGS`), whose value has the wrong type or is not one of the field's
+    choices, or (report_to) names a reporting integration that is unknown or not installed. Nothing that depends
+    on the hardware is checked, so a config checks the same on a laptop and on a GPU node."""
+    import dataclasses
+    import typing
+
+    from transformers.integrations import get_available_reporting_integrations
+
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    hints = typing.get_type_hints(transformers.TrainingArguments)
+    for name, value in extra_args.items():
+        if name in CONTROLLED_ARGS:
+            raise ValueError(f"{name}: controlled by FuseLab, not settable in extra_args ({CONTROLLED_ARGS[name]})")
+        if name not in fields:
+            raise ValueError(f"{name}: not a field of transformers {transformers.__version__} TrainingArguments")
+        problem = _value_problem(value, hints[name])
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+    report_to = extra_args.get("report_to")
+    if report_to not in (None, "none", "all"):
+        names = [report_to] if isinstance(report_to, str) else list(report_to)
+        available = set(get_available_reporting_integrations())
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ValueError(f"report_to: {', '.join(missing)} is unknown to transformers or not installed here "
+                             f"(installed: {', '.join(sorted(available)) or 'none'})")
+
+
 def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str | None = None) -> transformers.TrainingArguments:
-    """TrainSettings -> transformers.TrainingArguments. No external reporting (the harness tracks, through
-    train_target's on_log); save_strategy "no" because `CheckpointCallback` decides when to save."""
+    """TrainSettings -> transformers.TrainingArguments. By default no external reporting (the harness tracks,
+    through train_target's on_log), save_strategy "no" (`CheckpointCallback` decides when to save) and no tqdm
+    bar; `settings.extra_args` sets any other field and wins over those defaults (`DEFAULTED_ARGS`)."""
+    check_extra_args(settings.extra_args)
     extra = {}
     if os.environ.get(CONFIGURED_STATE_ENV) == "1":
         extra["accelerator_config"] = {"use_configured_state": True}
@@ -330,12 +416,14 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
     elif settings.device and settings.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
         # one process: the Trainer places the model on the current CUDA device
         torch.cuda.set_device(int(settings.device.split(":", 1)[1]))
+    defaults = {"save_strategy": "no", "report_to": "none", "disable_tqdm": True, "dataloader_num_workers": 0,
+                "dataloader_pin_memory": on_gpu}  # pinning without a GPU only warns
     return transformers.TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.lr,
-        warmup_steps=settings.warmup_ratio,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         num_train_epochs=settings.num_epochs,
@@ -346,12 +434,8 @@ def training_arguments(output_dir: str, settings: TrainSettings, deepspeed: str 
         bf16=settings.bf16,
         logging_steps=settings.logging_steps,
         deepspeed=deepspeed_config_path(deepspeed if deepspeed is not None else settings.deepspeed),
-        save_strategy="no",
-        report_to="none",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,  # pinning without a GPU only warns
-        disable_tqdm=True,
+        **{**defaults, **settings.extra_args},
         **extra,
     )
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from fusion.registry import ALIGNMENTS, FUSIONS, VOCAB_MAPS
 
@@ -172,6 +173,26 @@ class TrainingSpec(_Strict):
     logging_steps: int = Field(5, ge=1)
     # resumable checkpoints every N optimizer steps: None = about 5 per run, 0 = none (fusion.trainer)
     checkpoint_steps: int | None = Field(None, ge=0)
+    # any other transformers.TrainingArguments field (fusion.trainer.check_extra_args: the installed version's
+    # fields, minus those FuseLab sets from the fields above; report_to, save_strategy, disable_tqdm... override)
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _known_training_arguments(cls, v: dict) -> dict:
+        if v:
+            from fusion.trainer import check_extra_args
+
+            check_extra_args(v)
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_extra_args(self, handler):
+        # no extra_args dumps as before the field existed: the cache keys of trained models stay the same
+        data = handler(self)
+        if not data.get("extra_args"):
+            data.pop("extra_args", None)
+        return data
 
     @model_validator(mode="after")
     def _checkpoints_on_log_steps(self):
