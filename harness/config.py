@@ -46,11 +46,32 @@ class WorldSpec(_Strict):
     seed: int = 0
 
 
+class DatasetSpec(_Strict):
+    """`corpus.kind: datasets`: the arguments of `datasets.load_dataset(path, name, split=..., ...)`."""
+
+    path: str  # hub id (JeanKaddour/minipile), a local folder of data files, or a builder (json, parquet, arrow...)
+    name: str | None = None  # the dataset's configuration
+    split: str = "train"
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    data_dir: str | None = None
+    revision: str | None = None
+    streaming: bool = False  # read rows as they come (large corpora): only what the caps take is downloaded
+
+
+# CorpusSpec fields added after cache keys existed: left out of its dump while unset, so keys stay the same.
+_CORPUS_OPTIONAL = ("dataset", "domain_field", "max_docs", "max_tokens", "expected_tokens")
+
+
 class CorpusSpec(_Strict):
-    kind: Literal["micro", "text_files", "jsonl"] = "micro"
+    kind: Literal["micro", "text_files", "jsonl", "datasets"] = "micro"
     paths: list[str] = Field(default_factory=list)  # text_files / jsonl: files (a domain per file stem)
+    dataset: DatasetSpec | None = None  # datasets: what load_dataset reads
     text_field: str = "text"
+    domain_field: str | None = None  # datasets: the row field naming a document's domain (default: one domain)
     max_docs_per_domain: int | None = None
+    max_docs: int | None = Field(None, ge=1)  # datasets: the first N documents (in the dataset's order)
+    max_tokens: int | None = Field(None, ge=1)  # datasets: the first documents totalling at most N target tokens
+    expected_tokens: int | None = Field(None, ge=1)  # declared size (training tokens) for `fuselab plan`
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     min_chars: int = Field(20, ge=1)
     encoding: str = "utf-8"  # how corpus files are decoded; undecodable bytes are an error, never replaced
@@ -66,6 +87,29 @@ class CorpusSpec(_Strict):
             raise ValueError(f"unknown text encoding {v!r} (Python codec names: utf-8, latin-1, cp1252, "
                              f"utf-16...)") from None
         return v
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self):
+        if self.kind == "datasets":
+            if self.dataset is None:
+                raise ValueError("dataset: kind datasets needs the load_dataset arguments, e.g. "
+                                 "dataset: {path: JeanKaddour/minipile, split: train}")
+            if self.paths:
+                raise ValueError("paths: kind datasets reads corpus.dataset; put local files in "
+                                 "dataset.data_files (with dataset.path: json, text, parquet...)")
+            return self
+        for name in ("dataset", "domain_field", "max_docs", "max_tokens"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: only for kind datasets (this corpus is kind {self.kind})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_new_fields(self, handler):
+        data = handler(self)
+        for name in _CORPUS_OPTIONAL:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 # Every switch of the reference FuseLLM implementation's behaviour (README "The method and its switches").
@@ -386,7 +430,7 @@ class ExperimentConfig(_Strict):
         uses_micro = any(m.ref.startswith("micro:") for m in [self.target, *self.sources])
         if (uses_micro or self.corpus.kind == "micro") and self.world is None:
             raise ValueError("world: micro:* models or a micro corpus need `world: {kind: micro}`")
-        if self.corpus.kind != "micro" and not self.corpus.paths:
+        if self.corpus.kind in ("text_files", "jsonl") and not self.corpus.paths:
             raise ValueError(f"corpus.paths: corpus kind {self.corpus.kind!r} needs at least one file")
         ensemble = self.baselines.ensemble
         if ensemble.enabled and ensemble.members:

@@ -2,7 +2,9 @@
 
 Kinds: `micro` (the micro world's own splits), `text_files` (one domain per file; documents are groups of
 paragraphs up to `DOC_CHARS` characters), `jsonl` (one document per row, `text_field`; the domain is the row's
-`domain` field or the file stem). `.gz` files are read transparently.
+`domain` field or the file stem), `datasets` (one document per row of `datasets.load_dataset(**corpus.dataset)`,
+a hub id or local files, streamed on request, capped by `max_docs` / `max_tokens`; the domain is the row's
+`domain_field` or `dataset_domain`). `.gz` files are read transparently.
 
 Files are decoded strictly with `corpus.encoding` (default UTF-8): a file that is binary (a NUL byte, or more
 than 1% control characters), not valid in that encoding, or a truncated/corrupt gzip stream is refused with
@@ -18,6 +20,7 @@ import random
 import re
 import zlib
 from pathlib import Path
+from typing import Callable
 
 DOC_CHARS = 2000
 # C0 control characters and DEL, except those text files hold (tab, newlines, form feed, ESC): a file with
@@ -118,8 +121,131 @@ def _domain_docs(spec) -> dict[str, list[str]]:
     return out
 
 
-def load_corpus_splits(spec, *, world=None, seed: int = 0) -> dict[str, list[dict]]:
-    """-> {"train": [{"domain", "text"}...], "validation": [...]}; deterministic for a seed."""
+# load_dataset builders that read data_files: their name says nothing about the corpus
+_FILE_BUILDERS = ("json", "csv", "parquet", "arrow", "text", "webdataset", "xml")
+
+
+def _data_file_entries(dataset) -> list[str]:
+    """dataset.data_files as one flat list (it may be a string, a list, or a dict of split -> string or list)."""
+    files = dataset.data_files or []
+    if isinstance(files, str):
+        return [files]
+    if isinstance(files, dict):
+        return [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+    return list(files)
+
+
+def dataset_domain(dataset) -> str:
+    """The one domain of a `datasets` corpus without a domain field: the dataset's name (`JeanKaddour/minipile`
+    -> `minipile`), or for a file builder (`json`, `parquet`...) the stem of its first data file."""
+    files = _data_file_entries(dataset)
+    if dataset.path in _FILE_BUILDERS and files:
+        return Path(files[0]).name.split(".")[0]
+    return Path(dataset.path.rstrip("/")).name.lower()
+
+
+def open_dataset(dataset):
+    """The rows (dicts) of `datasets.load_dataset(**dataset)`: a Dataset, or an IterableDataset when streaming.
+    Raises CorpusError naming corpus.dataset and the cause (not found, offline and not cached, ...)."""
+    import datasets
+
+    kwargs = {k: v for k, v in dataset.model_dump().items() if v is not None and k != "path"}
+    try:
+        return datasets.load_dataset(dataset.path, **kwargs)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError...)
+        offline = " (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and it is not in the datasets cache)" \
+            if datasets.config.HF_HUB_OFFLINE else ""
+        raise CorpusError(f"corpus.dataset: load_dataset({dataset.path!r}, name={dataset.name!r}, "
+                          f"split={dataset.split!r}) failed{offline}: {type(exc).__name__}: {exc}") from None
+
+
+def local_data_files(spec) -> list[Path]:
+    """The local files a corpus reads, sorted (globs and folders expanded; a missing one is left out): what
+    its cache key should hash. Hub datasets contribute nothing (their revision names their content)."""
+    import glob
+
+    if spec.kind in ("text_files", "jsonl"):
+        return sorted(Path(p).expanduser() for p in spec.paths if Path(p).expanduser().is_file())
+    if spec.kind != "datasets":
+        return []
+    out: set[Path] = set()
+    for pattern in _local_patterns(spec.dataset):
+        for hit in map(Path, glob.glob(str(Path(pattern).expanduser()), recursive=True)):
+            if hit.is_dir():
+                out.update(f for f in hit.rglob("*") if f.is_file())
+            else:
+                out.add(hit)
+    return sorted(out)
+
+
+def _local_patterns(dataset) -> list[str]:
+    """data_files entries that are not URLs, and the dataset path when it is a local folder or file."""
+    local = [f for f in _data_file_entries(dataset) if "://" not in f]
+    if dataset.path.startswith(("/", "./", "../", "~")) or Path(dataset.path).expanduser().exists():
+        local.append(dataset.path)
+    return local
+
+
+def corpus_problems(spec) -> list[str]:
+    """One line per reason the corpus stage would fail, found without reading the corpus: a corpus file, data file
+    or local dataset folder that does not exist (glob patterns need one match), or, offline (HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE), a hub dataset missing from the datasets cache. Nothing is downloaded."""
+    import glob
+
+    if spec.kind in ("text_files", "jsonl"):
+        return [f"corpus.paths.{i}: file {p} does not exist" for i, p in enumerate(spec.paths)
+                if not Path(p).expanduser().is_file()]
+    if spec.kind != "datasets":
+        return []
+    missing = [f for f in _local_patterns(spec.dataset) if not glob.glob(str(Path(f).expanduser()))]
+    if missing:
+        return [f"corpus.dataset: {f} does not exist" for f in missing]
+    import datasets
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        return []  # online, a hub dataset is checked by loading it (the corpus stage comes first)
+    try:
+        datasets.load_dataset_builder(spec.dataset.path, spec.dataset.name, data_dir=spec.dataset.data_dir,
+                                      data_files=spec.dataset.data_files, revision=spec.dataset.revision)
+    except Exception as exc:  # datasets raises many types; the message says which
+        return [f"corpus.dataset: {spec.dataset.path} cannot be loaded offline (not in the datasets cache?): "
+                f"{type(exc).__name__}: {exc}"]
+    return []
+
+
+def _dataset_docs(spec, count_tokens) -> dict[str, list[str]]:
+    """Documents per domain from the rows of `spec.dataset`, in the dataset's order, stopping at the caps:
+    `max_docs` documents, or the documents before the one that would take the total over `max_tokens` tokens
+    (`count_tokens(text)`). Rows shorter than `min_chars` characters are skipped and count for neither cap."""
+    if spec.max_tokens and count_tokens is None:
+        raise CorpusError("corpus.max_tokens: counting tokens needs the target tokenizer "
+                          "(load_corpus_splits(..., count_tokens=...))")
+    out: dict[str, list[str]] = {}
+    default_domain, kept, tokens = dataset_domain(spec.dataset), 0, 0
+    for n, row in enumerate(open_dataset(spec.dataset)):
+        for field in (spec.text_field, spec.domain_field):
+            if field is not None and field not in row:
+                which = "text_field" if field == spec.text_field else "domain_field"
+                raise CorpusError(f"corpus.{which}: row {n} of {spec.dataset.path} has no field {field!r} "
+                                  f"(its fields: {', '.join(row)})")
+        text = str(row[spec.text_field])
+        if len(text) < spec.min_chars:
+            continue
+        if spec.max_tokens:
+            tokens += count_tokens(text)
+            if tokens > spec.max_tokens:
+                break
+        out.setdefault(str(row[spec.domain_field]) if spec.domain_field else default_domain, []).append(text)
+        kept += 1
+        if spec.max_docs and kept >= spec.max_docs:
+            break
+    return out
+
+
+def load_corpus_splits(spec, *, world=None, seed: int = 0,
+                       count_tokens: Callable[[str], int] | None = None) -> dict[str, list[dict]]:
+    """-> {"train": [{"domain", "text"}...], "validation": [...]}; deterministic for a seed.
+    count_tokens(text) -> tokens of the target's tokenizer: needed by `corpus.max_tokens` only."""
     if spec.kind == "micro":
         if world is None:
             raise CorpusError("corpus.kind: micro needs the micro world (`world: {kind: micro}`)")
@@ -129,7 +255,8 @@ def load_corpus_splits(spec, *, world=None, seed: int = 0) -> dict[str, list[dic
     else:
         rng = random.Random(seed)
         splits = {"train": [], "validation": []}
-        for domain, docs in sorted(_domain_docs(spec).items()):
+        by_domain = _dataset_docs(spec, count_tokens) if spec.kind == "datasets" else _domain_docs(spec)
+        for domain, docs in sorted(by_domain.items()):
             docs = list(docs)
             rng.shuffle(docs)
             if spec.max_docs_per_domain:
@@ -138,7 +265,7 @@ def load_corpus_splits(spec, *, world=None, seed: int = 0) -> dict[str, list[dic
             splits["validation"] += [{"domain": domain, "text": t} for t in docs[:n_val]]
             splits["train"] += [{"domain": domain, "text": t} for t in docs[n_val:]]
     if not splits["train"]:
-        where = ", ".join(spec.paths) or "the micro world"
+        where = spec.dataset.path if spec.kind == "datasets" else ", ".join(spec.paths) or "the micro world"
         raise CorpusError(f"corpus: no training documents in {where} (empty corpus)")
     return splits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import random
 import re
@@ -10,7 +11,7 @@ import re
 import pytest
 
 from harness.config import ConfigError, CorpusSpec, validate_config
-from harness.corpus import CorpusError, load_corpus_splits, read_text
+from harness.corpus import CorpusError, corpus_problems, load_corpus_splits, local_data_files, read_text
 
 PROSE = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 20
 
@@ -98,3 +99,116 @@ def test_existing_utf8_corpus_reads_as_before(shared_data):
     path = shared_data / "text" / "tinyshakespeare.txt"
     assert read_text(path) == path.read_text(encoding="utf-8")
     assert os.path.getsize(path) == len(read_text(path).encode())
+
+
+# ------------------------------------------------------------------ corpus.kind: datasets (load_dataset)
+def _rows(n: int, words: int = 5) -> list[dict]:
+    """Row i: 'doc<i>' repeated `words` times (words * 5 - 1 characters for i < 10), domain a (odd) / b (even)."""
+    return [{"text": " ".join([f"doc{i}"] * words), "src": "a" if i % 2 else "b"} for i in range(n)]
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
+
+
+def _datasets_spec(**fields) -> CorpusSpec:
+    return CorpusSpec(kind="datasets", min_chars=1, **fields)
+
+
+def test_a_local_json_folder_through_load_dataset_with_a_domain_field(tmp_path, datasets_cache):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(10)))
+    splits = load_corpus_splits(_datasets_spec(dataset={"path": str(folder)}, domain_field="src",
+                                               validation_fraction=0.2))
+    # 5 documents per domain; round(5 * 0.2) = 1 of each held out
+    assert len(splits["train"]) == 8 and len(splits["validation"]) == 2
+    assert sorted(r["domain"] for r in splits["validation"]) == ["a", "b"]
+    every = splits["train"] + splits["validation"]
+    assert sorted(r["text"] for r in every) == sorted(r["text"] for r in _rows(10))
+    assert all(r["domain"] == ("a" if int(r["text"].split()[0][3:]) % 2 else "b") for r in every)
+
+
+def test_arrow_files_streamed_and_capped_at_max_docs(tmp_path, datasets_cache):
+    import datasets
+
+    datasets.Dataset.from_list(_rows(10)).save_to_disk(str(tmp_path / "saved"))
+    arrow = sorted((tmp_path / "saved").glob("*.arrow"))
+    spec = _datasets_spec(dataset={"path": "arrow", "data_files": [str(f) for f in arrow], "streaming": True},
+                          max_docs=4, validation_fraction=0.25)
+    splits = load_corpus_splits(spec)
+    texts = sorted(r["text"] for r in splits["train"] + splits["validation"])
+    assert texts == sorted(r["text"] for r in _rows(4))  # the first 4 rows in the dataset's order
+    assert {r["domain"] for r in splits["train"]} == {arrow[0].name.split(".")[0]}  # one domain: the file stem
+    assert len(splits["validation"]) == 1  # round(4 * 0.25)
+
+
+def test_max_tokens_takes_the_documents_that_fit_and_short_rows_count_for_nothing(tmp_path, datasets_cache):
+    rows = _rows(6, words=5)
+    rows.insert(1, {"text": "x", "src": "a"})  # below min_chars 2: skipped, counts for no cap
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = CorpusSpec(kind="datasets", dataset={"path": "json", "data_files": str(data)}, min_chars=2,
+                      max_tokens=14, validation_fraction=0.5)
+    # 5 tokens per document (words): 5, 10 fit in 14, the third would make 15
+    splits = load_corpus_splits(spec, count_tokens=lambda text: len(text.split()))
+    assert sorted(r["text"] for r in splits["train"] + splits["validation"]) == ["doc0 " * 4 + "doc0",
+                                                                                   "doc1 " * 4 + "doc1"]
+    assert {r["domain"] for r in splits["train"]} == {"rows"}
+    with pytest.raises(CorpusError, match=r"^corpus\.max_tokens: counting tokens needs the target tokenizer"):
+        load_corpus_splits(spec)
+
+
+def test_a_missing_text_field_names_the_row_and_the_fields(tmp_path, datasets_cache):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"content": "some text here"}) + "\n")
+    with pytest.raises(CorpusError, match=r"^corpus\.text_field: row 0 of json has no field 'text' "
+                                          r"\(its fields: content\)$"):
+        load_corpus_splits(_datasets_spec(dataset={"path": "json", "data_files": str(data)}))
+
+
+def test_hub_dataset_offline_fails_at_once_naming_it(tmp_path, datasets_cache):
+    import datasets
+
+    assert datasets.config.HF_HUB_OFFLINE  # tests/conftest.py: no network
+    spec = _datasets_spec(dataset={"path": "JeanKaddour/minipile"})
+    with pytest.raises(CorpusError, match=r"^corpus\.dataset: load_dataset\('JeanKaddour/minipile', name=None, "
+                                          r"split='train'\) failed \(offline: .*not in the datasets cache\)"):
+        load_corpus_splits(spec)
+    [problem] = corpus_problems(spec)
+    assert problem.startswith("corpus.dataset: JeanKaddour/minipile cannot be loaded offline")
+
+
+def test_corpus_problems_and_local_files(tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text("{}\n")
+    spec = _datasets_spec(dataset={"path": "json", "data_files": {"train": [str(data), str(tmp_path / "b*.jsonl")]}})
+    assert corpus_problems(spec) == [f"corpus.dataset: {tmp_path / 'b*.jsonl'} does not exist"]
+    assert local_data_files(spec) == [data]
+    (tmp_path / "b1.jsonl").write_text("{}\n")
+    assert corpus_problems(spec) == [] and local_data_files(spec) == [data, tmp_path / "b1.jsonl"]
+    assert corpus_problems(_spec("jsonl", tmp_path / "none.jsonl")) == [
+        f"corpus.paths.0: file {tmp_path / 'none.jsonl'} does not exist"]
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ({"kind": "datasets"}, "corpus: dataset: kind datasets needs the load_dataset arguments"),
+    ({"kind": "datasets", "dataset": {"path": "json"}, "paths": ["a.jsonl"]},
+     "corpus: paths: kind datasets reads corpus.dataset"),
+    ({"kind": "jsonl", "paths": ["a.jsonl"], "max_docs": 3}, "corpus: max_docs: only for kind datasets"),
+    ({"kind": "datasets", "dataset": {"path": "json", "spilt": "train"}}, "corpus.dataset.spilt: unknown key"),
+])
+def test_datasets_corpus_config_errors(corpus, message):
+    data = {"name": "x", "target": {"ref": "gpt2"}, "sources": [{"ref": "gpt2"}], "corpus": corpus}
+    with pytest.raises(ConfigError) as err:
+        validate_config(data, "exp.yaml")
+    assert str(err.value).startswith(f"exp.yaml: {message}")
+
+
+def test_new_corpus_fields_leave_existing_cache_keys_alone():
+    assert CorpusSpec(kind="jsonl", paths=["a.jsonl"]).model_dump() == {
+        "kind": "jsonl", "paths": ["a.jsonl"], "text_field": "text", "max_docs_per_domain": None,
+        "validation_fraction": 0.1, "min_chars": 20, "encoding": "utf-8"}
