@@ -9,18 +9,30 @@ Methods are data: `MERGE_METHODS` maps a FuseLab name (the mergekit name) to a `
 that says whether a base model is needed, how many models the method takes, which parameters are
 given per model, and the defaults FuseLab uses where mergekit's default would make the method a
 no-op (e.g. `density=1.0` turns TIES/DARE into plain task arithmetic).
+
+A merge may also be a mergekit configuration as `mergekit-yaml` takes it (a YAML file or the same mapping
+inline), whose model references may name FuseLab contestants (`contestant:target`, `contestant:fusellm`,
+`contestant:clm`, `contestant:source:<label>`, `contestant:expert:<domain>`) besides paths and hub ids:
+`check_mergekit_config` validates it with mergekit's own config model and method contracts before any model
+exists, `contestant_refs` lists what it needs, `run_merge_config` resolves the contestants and runs it.
+Both forms run through `_run_mergekit`, one atomic write path.
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from fusion.registry import Registry
+
+if TYPE_CHECKING:
+    from mergekit.config import MergeConfiguration
 
 PER_MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 
@@ -196,7 +208,7 @@ def check_merge_request(method: str, params: dict, n_models: int | None = None) 
     return spec
 
 
-def build_merge_config(model_paths: list[Path], method: str, *, base_model: Path | None, params: dict,
+def build_merge_config(model_paths: list[Path | str], method: str, *, base_model: Path | str | None, params: dict,
                        dtype: str = "float32") -> dict:
     """The mergekit configuration dict (`MergeConfiguration.model_validate` input) for a merge.
 
@@ -236,6 +248,15 @@ def build_merge_config(model_paths: list[Path], method: str, *, base_model: Path
     return cfg
 
 
+def pool_merge_config(method: str, params: dict, expert_domains: list[str], dtype: str = "float32") -> dict:
+    """The mergekit config of a `{method, params}` merge of the domain pool: one `contestant:expert:<domain>`
+    per domain (sorted), `contestant:target` (the experts' common ancestor) as the base where the method
+    needs one. Run it with `run_merge_config` like any other merge config."""
+    base = f"{CONTESTANT_PREFIX}target" if MERGE_METHODS.get(method).needs_base else None
+    models = [f"{CONTESTANT_PREFIX}expert:{d}" for d in sorted(expert_domains)]
+    return build_merge_config(models, method, base_model=base, params=params, dtype=dtype)
+
+
 def merge_models(model_paths: list[Path], method: str, out_path: Path, *, base_model: Path | None = None,
                  params: dict | None = None, dtype: str = "float32", seed: int = 0, device: str = "cpu") -> Path:
     """Merge structurally identical HF models with mergekit's `method`; returns `out_path`.
@@ -248,22 +269,29 @@ def merge_models(model_paths: list[Path], method: str, out_path: Path, *, base_m
     The result (safetensors + config + tokenizer) is written to a temporary sibling folder and
     renamed to `out_path` only when complete; an existing `out_path` is an error.
     """
+    cfg = build_merge_config(model_paths, method, base_model=base_model, params=params or {}, dtype=dtype)
+    check_mergeable([Path(p) for p in model_paths] + ([Path(base_model)] if base_model is not None else []))
+    return _run_mergekit(cfg, Path(out_path), seed=seed, device=device)
+
+
+def _run_mergekit(cfg: dict, out_path: Path, *, seed: int, device: str) -> Path:
+    """Run mergekit on a config dict whose model references are local paths or hub ids; the result (and
+    the config it ran, `mergekit_config.yml`) goes to a temporary sibling folder renamed to `out_path` when
+    complete, so a killed merge never leaves a half-written `out_path`."""
+    import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    out_path = Path(out_path)
     if out_path.exists():
         raise FileExistsError(f"merge output {out_path} already exists; remove it or choose another out_path")
-    cfg = build_merge_config(model_paths, method, base_model=base_model, params=params or {}, dtype=dtype)
-    check_mergeable([Path(p) for p in model_paths] + ([Path(base_model)] if base_model is not None else []))
-
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         run_merge(MergeConfiguration.model_validate(cfg), str(tmp),
                   MergeOptions(random_seed=seed, quiet=True, copy_tokenizer=True, safe_serialization=True,
                                write_model_card=False, device=device, cuda=device.startswith("cuda")))
+        (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -273,3 +301,175 @@ def merge_models(model_paths: list[Path], method: str, out_path: Path, *, base_m
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit configs as mergekit-yaml takes them, with FuseLab contestants as models
+
+CONTESTANT_PREFIX = "contestant:"
+CONTESTANT_FORMS = ("target", "fusellm", "clm", "source:<label>", "expert:<domain>")
+
+
+def load_mergekit_config(config: str | Path | dict) -> dict:
+    """A merge entry's mergekit config as a dict: the YAML file at `config` (a relative path is read from
+    the working directory) or a deep copy of an inline mapping. Raises ValueError naming the file."""
+    import yaml
+
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise ValueError(f"mergekit config file {config} not found (a relative path is read from the "
+                         f"working directory, {Path.cwd()})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"mergekit config {config} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"mergekit config {config}: the top level must be a mapping (merge_method, models or "
+                         f"slices, base_model, ...), got {type(data).__name__}")
+    return data
+
+
+def _map_strings(node: Any, fn: Callable[[str], str]) -> Any:
+    """A copy of a YAML-like tree with `fn` applied to every string value (mapping keys untouched)."""
+    if isinstance(node, dict):
+        return {k: _map_strings(v, fn) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_map_strings(v, fn) for v in node]
+    return fn(node) if isinstance(node, str) else node
+
+
+def contestant_refs(config: dict) -> list[str]:
+    """The contestants a mergekit config names, without the `contestant:` prefix, in order of first mention:
+    e.g. ["expert:code", "target"] for `models: [{model: contestant:expert:code}]`, `base_model:
+    contestant:target`. Any string value of the config counts (models, base_model, slices' sources,
+    tokenizer_source, tokenizer sources)."""
+    found: list[str] = []
+
+    def note(s: str) -> str:
+        if s.startswith(CONTESTANT_PREFIX):
+            found.append(s[len(CONTESTANT_PREFIX):])
+        return s
+
+    _map_strings(config, note)
+    return list(dict.fromkeys(found))
+
+
+def _check_contestant_ref(ref: str) -> None:
+    kind, _, rest = ref.partition(":")
+    if ref in ("target", "fusellm", "clm") or (kind in ("source", "expert") and rest):
+        if "@" in ref or "+" in ref:
+            raise ValueError(f"{CONTESTANT_PREFIX}{ref}: a contestant reference takes no @revision or +lora; "
+                             f"the contestant's model is used as FuseLab built it")
+        return
+    raise ValueError(f"{CONTESTANT_PREFIX}{ref} names no contestant; use one of "
+                     f"{', '.join(CONTESTANT_PREFIX + f for f in CONTESTANT_FORMS)}")
+
+
+def resolve_contestants(config: dict, resolve: Callable[[str], str]) -> dict:
+    """A copy of `config` with every `contestant:<ref>` replaced by `resolve(ref)` (a local model folder)."""
+    def one(s: str) -> str:
+        if not s.startswith(CONTESTANT_PREFIX):
+            return s
+        path = resolve(s[len(CONTESTANT_PREFIX):])
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{s} resolved to {path}, which is not a model folder")
+        return str(path)
+
+    return _map_strings(config, one)
+
+
+def run_merge_config(config: dict, out: Path, resolve: Callable[[str], str], *, seed: int = 0,
+                     device: str = "cpu") -> Path:
+    """Run a mergekit config (as `mergekit-yaml` takes it) whose model references may be `contestant:<ref>`;
+    returns `out`, written atomically (see `_run_mergekit`).
+
+    resolve: contestant ref without the prefix (e.g. "expert:code", "target", "source:gpt2") -> local model
+    folder. seed: mergekit's random seed (DARE's sampling). device: "cpu", "cuda" or "cuda:N".
+    Validated with `check_mergekit_config` first; no structural check is added on top of mergekit's own, so
+    configs mergekit accepts (slices of different depths, `tokenizer_source: union`) run as they are.
+    """
+    check_mergekit_config(config)
+    return _run_mergekit(resolve_contestants(config, resolve), Path(out), seed=seed, device=device)
+
+
+def check_mergekit_config(config: dict) -> MergeConfiguration:
+    """Validate a mergekit config before any model exists, as mergekit itself would when planning: the keys
+    (mergekit ignores unknown ones: here they are an error, naming the key), mergekit's config model, the
+    method's name, its input contract per merged group (e.g. slerp: exactly 2 inputs, base included; the
+    base added to `models` as mergekit adds it), every parameter name, `dtype`/`out_dtype`, and the form of
+    each `contestant:` reference. Raises ValueError naming the field; returns mergekit's config object."""
+    from mergekit.common import dtype_from_name
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    unknown = sorted(set(config) - set(MergeConfiguration.model_fields))
+    if unknown:
+        raise ValueError(f"unknown mergekit config key(s) {unknown}; mergekit's keys: "
+                         f"{', '.join(MergeConfiguration.model_fields)}")
+    try:
+        merge = MergeConfiguration.model_validate(config)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    except RuntimeError as exc:  # mergekit's own validators raise RuntimeError
+        raise ValueError(str(exc)) from None
+    method = _mergekit_method(merge.merge_method)
+    allowed = {p.name for p in method.spec.parameters}
+    for where, inputs, base, settings in _merge_groups(merge):
+        try:
+            method.validate_inputs(inputs, base, group_name=where)
+        except ValueError as exc:
+            raise ValueError(f"merge_method {merge.merge_method!r}: {exc} ({len(inputs)} input(s) counting the "
+                             f"base: {[str(m) for m in inputs]})") from None
+        for field_name, params in settings:
+            bad = sorted(set(params or {}) - allowed)
+            if bad:
+                raise ValueError(f"{field_name}: merge method {merge.merge_method!r} has no parameter(s) {bad}; "
+                                 f"its parameters: {sorted(allowed)}")
+    for key in ("dtype", "out_dtype"):
+        try:
+            dtype_from_name(getattr(merge, key))
+        except RuntimeError:
+            raise ValueError(f"{key}: {getattr(merge, key)!r} is not a dtype mergekit knows (float32, bfloat16, "
+                             f"float16, float64)") from None
+    for ref in contestant_refs(config):
+        _check_contestant_ref(ref)
+    return merge
+
+
+def _mergekit_method(name: str):
+    from mergekit.merge_methods import get, registered_methods
+
+    try:
+        return get(name)
+    except RuntimeError:
+        names = sorted(m.spec.name for m in registered_methods())
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"merge_method {name!r} is not a mergekit merge method{hint}; mergekit's methods: "
+                         f"{', '.join(names)}") from None
+
+
+def _merge_groups(merge):
+    """(where, inputs, base, [(field, parameters)]) per group mergekit merges: `models` (the base appended
+    when not listed, as mergekit's planner does), each slice, or each module's models/slices."""
+    if merge.modules:
+        sections = [(f"modules.{n}.", m.models, m.slices, [(f"modules.{n}.parameters", m.parameters)])
+                    for n, m in merge.modules.items()]
+    else:
+        sections = [("", merge.models, merge.slices, [])]
+    top = [("parameters", merge.parameters)]
+    for prefix, models, slices, extra in sections:
+        if models:
+            inputs = [m.model for m in models]
+            if merge.base_model is not None and merge.base_model not in inputs:
+                inputs.append(merge.base_model)
+            settings = [(f"{prefix}models.{i}.parameters", m.parameters) for i, m in enumerate(models)]
+            yield f"{prefix}models", inputs, merge.base_model, top + extra + settings
+        for i, part in enumerate(slices or []):
+            settings = [(f"{prefix}slices.{i}.parameters", part.parameters)] + [
+                (f"{prefix}slices.{i}.sources.{j}.parameters", s.parameters) for j, s in enumerate(part.sources)]
+            yield f"{prefix}slices.{i}", [s.model for s in part.sources], part.base_model or merge.base_model, \
+                top + extra + settings

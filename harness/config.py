@@ -286,22 +286,86 @@ class EnsembleSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: str  # a name in baselines.merging.MERGE_METHODS
+    """One weight merge, evaluated as contestant `merge:<label>`. Two forms:
+    - `{method, params}`: a FuseLab merge method over the domain pool (one expert per corpus domain), the
+      target as the base where the method needs one (`baselines.merging.pool_merge_config`);
+    - `config`: a mergekit config as `mergekit-yaml` takes it, a YAML path (read from the working directory)
+      or the same mapping inline; its model references may be `contestant:target`, `contestant:fusellm`,
+      `contestant:clm`, `contestant:source:<label>`, `contestant:expert:<domain>`, local paths or hub ids.
+    Both are validated here with mergekit's own config model and method contracts."""
+
+    name: str | None = None  # the contestant's label; default: the method, the file stem, or merge_method
+    method: str | None = None  # a name in baselines.merging.MERGE_METHODS
     params: dict[str, Any] = Field(default_factory=dict)  # mergekit's parameters for that method
+    config: str | dict[str, Any] | None = None  # a mergekit YAML file, or its content inline
+
+    @model_serializer(mode="wrap")
+    def _dump_set_form_only(self, handler):
+        # only the form in use: the method form dumps as before `name` and `config` existed (same config hashes)
+        return {k: v for k, v in handler(self).items()
+                if not ((k in ("name", "method", "config") and v is None) or (k == "params" and self.config is not None))}
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, v: str) -> str:
+    def _known_method(cls, v: str | None) -> str | None:
         from baselines.merging import MERGE_METHODS
 
-        return _registered(v, MERGE_METHODS, [])
+        return v if v is None else _registered(v, MERGE_METHODS, [])
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_run_name(v)
 
     @model_validator(mode="after")
-    def _known_params(self):
-        from baselines.merging import check_merge_request
+    def _one_valid_form(self):
+        from baselines.merging import check_merge_request, check_mergekit_config
 
-        check_merge_request(self.method, self.params)
+        if (self.method is None) == (self.config is None):
+            raise ValueError("give either method (with params) for a merge of the domain pool, or config (a "
+                             "mergekit YAML path or mapping), not both or neither")
+        if self.method is not None:
+            check_merge_request(self.method, self.params)
+            return self
+        if self.params:
+            raise ValueError("params: only for the method form; put a mergekit config's parameters inside it")
+        where = f"config ({self.config})" if isinstance(self.config, str) else "config"
+        try:
+            check_mergekit_config(self.mergekit_config())
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         return self
+
+    @property
+    def label(self) -> str:
+        """The merge's name: `name`, else the method, the config file's stem, or the inline merge_method."""
+        if self.name is not None:
+            return self.name
+        if self.method is not None:
+            return self.method
+        if isinstance(self.config, str):
+            return Path(self.config).name.split(".")[0]
+        return str(self.config["merge_method"])
+
+    def mergekit_config(self, expert_domains: list[str] | None = None) -> dict:
+        """The mergekit config dict this entry runs, model references still `contestant:<ref>`: the YAML file
+        read now, the inline mapping, or (method form) the pool merge over `expert_domains`."""
+        from baselines.merging import load_mergekit_config, pool_merge_config
+
+        if self.config is not None:
+            return load_mergekit_config(self.config)
+        if expert_domains is None:
+            raise ValueError(f"merge {self.label!r}: the method form needs the expert domains to build its config")
+        return pool_merge_config(self.method, self.params, list(expert_domains))
+
+    def contestant_refs(self) -> list[str]:
+        """The contestants this merge reads (without `contestant:`), e.g. ["expert:code", "target"]. The method
+        form reads the whole domain pool, named "domain_pool", and the target where the method needs a base."""
+        from baselines.merging import MERGE_METHODS, contestant_refs
+
+        if self.config is not None:
+            return contestant_refs(self.mergekit_config())
+        return ["domain_pool"] + (["target"] if MERGE_METHODS.get(self.method).needs_base else [])
 
 
 class DomainPoolSpec(_Strict):
@@ -316,6 +380,16 @@ class BaselinesSpec(_Strict):
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
     domain_pool: DomainPoolSpec = Field(default_factory=DomainPoolSpec)
     merges: list[MergeSpec] = Field(default_factory=list)
+
+    @field_validator("merges")
+    @classmethod
+    def _unique_merge_labels(cls, v: list[MergeSpec]) -> list[MergeSpec]:
+        labels = [m.label for m in v]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"two merges are both named {', '.join(dup)} (each is contestant merge:<name>); "
+                             f"set baselines.merges.N.name")
+        return v
 
 
 class EvalSettingsSpec(_Strict):
@@ -441,34 +515,50 @@ class ExperimentConfig(_Strict):
         if ensemble.enabled and ensemble.weights is not None and len(ensemble.weights) != n_members:
             raise ValueError(f"baselines.ensemble.weights: {len(ensemble.weights)} weights for {n_members} members "
                              f"({ensemble.members or labels}); give one per member, in members order")
-        if self.baselines.merges and not self.baselines.domain_pool.enabled:
-            raise ValueError(
-                "baselines.merges: merging needs structurally identical models; enable baselines.domain_pool "
-                "(copies of the target trained per domain)"
-            )
         self._check_merges_fit_the_pool()
         return self
 
-    def _check_merges_fit_the_pool(self) -> None:
-        """A method that takes a fixed number of models (slerp: 1 into the base) must match the pool's size
-        (one expert per corpus domain) where that is known before reading data: the micro corpus, text files."""
-        from baselines.merging import check_merge_request
-
-        if not self.baselines.merges:
-            return
+    def _expert_domains(self) -> list[str] | None:
+        """The domain pool's domains (one expert each) where known before reading data: micro, text files."""
         if self.corpus.kind == "micro":
             from harness.micro.corpus import DOMAINS
 
-            n_experts = len(DOMAINS)
-        elif self.corpus.kind == "text_files":
-            n_experts = len({Path(p).name.split(".")[0] for p in self.corpus.paths})
-        else:
-            return  # jsonl: the domains are in the data
+            return list(DOMAINS)
+        if self.corpus.kind == "text_files":
+            return sorted({Path(p).name.split(".")[0] for p in self.corpus.paths})
+        return None  # jsonl: the domains are in the data
+
+    def _check_merges_fit_the_pool(self) -> None:
+        """Every contestant a merge reads exists in this experiment (domain pool enabled for experts, a known
+        domain and source, CLM-only enabled); a method that takes a fixed number of models (slerp: 1 into the
+        base) matches the pool's size where that is known before reading data."""
+        from baselines.merging import check_merge_request
+
+        domains = self._expert_domains()
         for i, merge in enumerate(self.baselines.merges):
-            try:
-                check_merge_request(merge.method, merge.params, n_models=n_experts)
-            except ValueError as err:
-                raise ValueError(f"baselines.merges.{i}: {err} (one domain expert per corpus domain)") from None
+            for ref in merge.contestant_refs():
+                why = self._missing_contestant(ref, domains)
+                if why:
+                    raise ValueError(f"baselines.merges{'' if why.startswith('merging') else f'.{i}'}: {why}")
+            if merge.method is not None and domains is not None:
+                try:
+                    check_merge_request(merge.method, merge.params, n_models=len(domains))
+                except ValueError as err:
+                    raise ValueError(f"baselines.merges.{i}: {err} (one domain expert per corpus domain)") from None
+
+    def _missing_contestant(self, ref: str, domains: list[str] | None) -> str | None:
+        """Why the contestant `ref` (a merge's `contestant:<ref>`) is not in this experiment, or None."""
+        kind, _, rest = ref.partition(":")
+        if kind in ("domain_pool", "expert") and not self.baselines.domain_pool.enabled:
+            return ("merging needs structurally identical models; enable baselines.domain_pool (copies of the "
+                    "target trained per domain), whose experts the merges read")
+        if kind == "expert" and domains is not None and rest not in domains:
+            return f"contestant:{ref}: no domain {rest!r}; the corpus domains are {domains}"
+        if kind == "source" and rest not in [s.label for s in self.sources]:
+            return f"contestant:{ref}: no source {rest!r}; sources are {[s.label for s in self.sources]}"
+        if kind == "clm" and not self.baselines.clm:
+            return "contestant:clm: CLM-only is off (baselines.clm: false)"
+        return None
 
     def content_hash(self) -> str:
         """Stable hash of the resolved config (independent of key order and of defaults being spelled out)."""

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -15,7 +16,10 @@ from baselines.merging import (
     UnmergeableModelsError,
     build_merge_config,
     check_mergeable,
+    contestant_refs,
+    load_mergekit_config,
     merge_models,
+    run_merge_config,
 )
 
 
@@ -226,3 +230,158 @@ def test_config_is_plain_data(llama_pool):
     assert [m["parameters"] for m in cfg["models"]] == [{"weight": 0.6, "density": 0.5},
                                                        {"weight": 0.4, "density": 0.5}]
     assert np.isclose(sum(m["parameters"]["weight"] for m in cfg["models"]), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit configs as mergekit-yaml takes them
+
+
+def all_weights(path):
+    """Every tensor of a merged folder (one file or shards), by name."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def ties_yaml(a, c, base) -> str:
+    """TIES with explicit per-model weights and densities over two models and a base, as a user writes it."""
+    return (f"merge_method: ties\n"
+            f"base_model: {base}\n"
+            f"models:\n"
+            f"  - model: {a}\n"
+            f"    parameters: {{weight: 0.7, density: 0.5}}\n"
+            f"  - model: {c}\n"
+            f"    parameters: {{weight: 0.3, density: 0.8}}\n"
+            f"parameters: {{normalize: false}}\n"
+            f"dtype: float32\n")
+
+
+@pytest.fixture(scope="module")
+def cli_ties(llama_pool, tmp_path_factory):
+    """mergekit's own `mergekit-yaml` CLI run on the TIES file: (file, output folder)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("cli-ties")
+    config = root / "ties.yaml"
+    config.write_text(ties_yaml(llama_pool["a"], llama_pool["c"], llama_pool["b"]))
+    cli = Path(sys.executable).parent / "mergekit-yaml"
+    subprocess.run([str(cli), str(config), str(root / "out")], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return config, root / "out"
+
+
+def test_mergekit_yaml_gives_the_cli_tensors_exactly(cli_ties, tmp_path):
+    config, cli_out = cli_ties
+    out = run_merge_config(load_mergekit_config(config), tmp_path / "m", resolve=_no_contestants)
+    ours, theirs = all_weights(out), all_weights(cli_out)
+    assert set(ours) == set(theirs) and len(ours) > 10
+    diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert diff == 0.0
+    loads_and_runs(out)
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".m.tmp-*"))
+
+
+def _no_contestants(ref):
+    raise AssertionError(f"no contestant expected, asked for {ref}")
+
+
+def test_contestant_references_resolve_to_the_contestants_folders(cli_ties, llama_pool, tmp_path):
+    config = ties_yaml("contestant:expert:code", "contestant:source:c", "contestant:target")
+    data = yaml.safe_load(config)
+    assert contestant_refs(data) == ["target", "expert:code", "source:c"]
+    folders = {"expert:code": llama_pool["a"], "source:c": llama_pool["c"], "target": llama_pool["b"]}
+    asked = []
+    out = run_merge_config(data, tmp_path / "m", resolve=lambda ref: asked.append(ref) or str(folders[ref]))
+    assert sorted(asked) == sorted(folders)
+    theirs = all_weights(cli_ties[1])
+    for k, v in all_weights(out).items():
+        assert torch.equal(v, theirs[k]), k
+    assert data["base_model"] == "contestant:target"  # the caller's config is left as it was
+    with pytest.raises(FileNotFoundError, match=r"contestant:target resolved to /nowhere"):
+        run_merge_config(data, tmp_path / "m2", resolve=lambda ref: "/nowhere")
+
+
+def test_slices_per_model_weights_dtype_and_tokenizer_source(llama_pool, A, B, tmp_path):
+    # one slice over both layers of a and b, weighted half-half (exact in binary floating point)
+    data = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "contestant:source:a",
+            "slices": [{"sources": [{"model": str(llama_pool["a"]), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                                    {"model": str(llama_pool["b"]), "layer_range": [0, 2],
+                                     "parameters": {"weight": 0.5}}]}]}
+    out = run_merge_config(data, tmp_path / "m", resolve=lambda ref: str(llama_pool[ref.split(":")[1]]))
+    merged = all_weights(out)
+    assert set(merged) == set(A)
+    for k in A:
+        assert torch.equal(merged[k], (A[k] + B[k]) / 2), k
+    loads_and_runs(out)
+
+
+def _experiment(merges, **baselines) -> dict:
+    return {"name": "t", "world": {"kind": "micro"}, "target": {"ref": "micro:a"},
+            "sources": [{"ref": "micro:a"}, {"ref": "micro:b"}],
+            "baselines": {"domain_pool": {"enabled": True}, "merges": merges, **baselines}}
+
+
+def test_mergekit_configs_are_checked_at_load():
+    from harness.config import ConfigError, validate_config
+
+    three = {"merge_method": "slerp", "base_model": "contestant:target", "parameters": {"t": 0.5},
+             "models": [{"model": "contestant:expert:code"}, {"model": "contestant:expert:docs"},
+                        {"model": "contestant:target"}]}
+    cases = [
+        ({**three}, r"baselines\.merges\.0: config: merge_method 'slerp': Merge method requires exactly 2 inputs "
+                    r"for models; got 3"),
+        ({**three, "merge_method": "linearr"},
+         r"baselines\.merges\.0: config: merge_method 'linearr' is not a mergekit merge method \(did you mean "
+         r"'linear'\?\)"),
+        ({**three, "merge_method": "ties", "parameters": {}, "models": [{"model": "a", "parameters": {"desnity": 0.5}}]},
+         r"config: models\.0\.parameters: merge method 'ties' has no parameter\(s\) \['desnity'\]"),
+        ({**three, "base_modle": "x"}, r"config: unknown mergekit config key\(s\) \['base_modle'\]"),
+        ({**three, "models": [{"model": "contestant:sources:a"}, {"model": "contestant:target"}]},
+         r"config: contestant:sources:a names no contestant"),
+        ({**three, "models": [{"model": "contestant:expert:poetry"}, {"model": "contestant:target"}]},
+         r"baselines\.merges\.0: contestant:expert:poetry: no domain 'poetry'; the corpus domains are"),
+        ({**three, "models": [{"model": "contestant:source:z"}, {"model": "contestant:target"}]},
+         r"baselines\.merges\.0: contestant:source:z: no source 'z'; sources are \['a', 'b'\]"),
+    ]
+    for config, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(_experiment([{"config": config}]))
+    two = {**three, "models": [{"model": "contestant:expert:code"}, {"model": "contestant:target"}]}
+    cfg = validate_config(_experiment([{"config": two}, {"method": "ties"}]))
+    assert [m.label for m in cfg.baselines.merges] == ["slerp", "ties"]
+    assert cfg.baselines.merges[0].contestant_refs() == ["target", "expert:code"]
+    assert cfg.baselines.merges[1].contestant_refs() == ["domain_pool", "target"]
+    with pytest.raises(ConfigError, match=r"two merges are both named slerp .* set baselines\.merges\.N\.name"):
+        validate_config(_experiment([{"config": two}, {"config": two}]))
+    with pytest.raises(ConfigError, match=r"baselines\.merges: merging needs structurally identical models"):
+        validate_config({**_experiment([{"config": two}]), "baselines": {"merges": [{"config": two}]}})
+    with pytest.raises(ConfigError, match=r"baselines\.merges\.0: give either method .* or config"):
+        validate_config(_experiment([{"method": "ties", "config": two}]))
+
+
+def test_mergekit_yaml_file_entry(tmp_path, monkeypatch):
+    from harness.config import ConfigError, validate_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "merges").mkdir()
+    (tmp_path / "merges" / "code_plus_source.yaml").write_text(ties_yaml("contestant:expert:code", "contestant:source:b",
+                                                                         "contestant:target"))
+    cfg = validate_config(_experiment([{"config": "merges/code_plus_source.yaml"}], clm=False))
+    merge = cfg.baselines.merges[0]
+    assert merge.label == "code_plus_source"
+    assert merge.contestant_refs() == ["target", "expert:code", "source:b"]
+    assert merge.mergekit_config()["models"][1] == {"model": "contestant:source:b",
+                                                    "parameters": {"weight": 0.3, "density": 0.8}}
+    assert merge.model_dump(mode="json") == {"config": "merges/code_plus_source.yaml"}
+    assert validate_config(_experiment([{"method": "ties"}])).baselines.merges[0].model_dump() == {
+        "method": "ties", "params": {}}  # the method form dumps (and hashes) as before
+    with pytest.raises(ConfigError, match=r"config \(merges/nope\.yaml\): mergekit config file merges/nope\.yaml "
+                                          r"not found"):
+        validate_config(_experiment([{"config": "merges/nope.yaml"}]))
+    (tmp_path / "merges" / "clm.yaml").write_text(ties_yaml("contestant:clm", "contestant:fusellm", "contestant:target"))
+    with pytest.raises(ConfigError, match=r"contestant:clm: CLM-only is off \(baselines\.clm: false\)"):
+        validate_config(_experiment([{"config": "merges/clm.yaml"}], clm=False))
