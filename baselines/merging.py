@@ -367,6 +367,19 @@ def _check_contestant_ref(ref: str) -> None:
                      f"{', '.join(CONTESTANT_PREFIX + f for f in CONTESTANT_FORMS)}")
 
 
+def external_model_paths(config: dict) -> list[str]:
+    """The model paths (hub ids or local folders, LoRA adapters included) a mergekit config reads besides its
+    `contestant:` references, sorted; for checking local ones exist before any work."""
+    from mergekit.common import ModelReference
+
+    merge = check_mergekit_config(config)
+    refs = list(merge.referenced_models())
+    if isinstance(merge.tokenizer_source, ModelReference):
+        refs.append(merge.tokenizer_source)
+    paths = {p.path for ref in refs for p in (ref.model, ref.lora) if p is not None}
+    return sorted(p for p in paths if not p.startswith(CONTESTANT_PREFIX))
+
+
 def resolve_contestants(config: dict, resolve: Callable[[str], str]) -> dict:
     """A copy of `config` with every `contestant:<ref>` replaced by `resolve(ref)` (a local model folder)."""
     def one(s: str) -> str:

@@ -679,5 +679,11 @@ def check_local_paths(cfg: ExperimentConfig, source: str, base: Path = Path(".")
     for i, f in enumerate(cfg.corpus.paths):
         if not Path(f).expanduser().exists():
             raise ConfigError(f"{source}: corpus.paths.{i}: file {f} does not exist")
+    from baselines.merging import external_model_paths
+
+    for i, merge in enumerate(cfg.baselines.merges):
+        for ref in (external_model_paths(merge.mergekit_config()) if merge.config is not None else []):
+            if looks_local(ref) and not Path(ref).expanduser().exists():
+                raise ConfigError(f"{source}: baselines.merges.{i}.config: model path {ref} does not exist")
     if cfg.evaluation.data_dir and not Path(cfg.evaluation.data_dir).expanduser().is_dir():
         raise ConfigError(f"{source}: evaluation.data_dir: folder {cfg.evaluation.data_dir} does not exist")

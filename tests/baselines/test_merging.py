@@ -385,3 +385,18 @@ def test_mergekit_yaml_file_entry(tmp_path, monkeypatch):
     (tmp_path / "merges" / "clm.yaml").write_text(ties_yaml("contestant:clm", "contestant:fusellm", "contestant:target"))
     with pytest.raises(ConfigError, match=r"contestant:clm: CLM-only is off \(baselines\.clm: false\)"):
         validate_config(_experiment([{"config": "merges/clm.yaml"}], clm=False))
+
+
+def test_missing_local_model_of_a_mergekit_config_fails_at_load(tmp_path, llama_pool):
+    from harness.config import ConfigError, load_config
+
+    config = yaml.safe_load(ties_yaml("contestant:expert:code", "./no/such/model", llama_pool["b"]))
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(_experiment([{"config": config}])))
+    with pytest.raises(ConfigError, match=r"^exp\.yaml: baselines\.merges\.0\.config: model path \./no/such/model "
+                                          r"does not exist$"):
+        load_config(exp)
+    assert load_config(exp, check_paths=False).baselines.merges[0].label == "ties"  # plan needs no files
+    config["models"][1]["model"] = str(llama_pool["c"])
+    exp.write_text(yaml.safe_dump(_experiment([{"config": config}])))
+    assert load_config(exp).baselines.merges[0].contestant_refs() == ["expert:code"]
