@@ -302,8 +302,10 @@ class MergeSpec(_Strict):
     @model_serializer(mode="wrap")
     def _dump_set_form_only(self, handler):
         # only the form in use: the method form dumps as before `name` and `config` existed (same config hashes)
-        return {k: v for k, v in handler(self).items()
-                if not ((k in ("name", "method", "config") and v is None) or (k == "params" and self.config is not None))}
+        unset = {k for k in ("name", "method", "config") if getattr(self, k) is None}
+        if self.config is not None:
+            unset.add("params")
+        return {k: v for k, v in handler(self).items() if k not in unset}
 
     @field_validator("method")
     @classmethod

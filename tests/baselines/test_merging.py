@@ -308,9 +308,9 @@ def test_contestant_references_resolve_to_the_contestants_folders(cli_ties, llam
 def test_slices_per_model_weights_dtype_and_tokenizer_source(llama_pool, A, B, tmp_path):
     # one slice over both layers of a and b, weighted half-half (exact in binary floating point)
     data = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "contestant:source:a",
-            "slices": [{"sources": [{"model": str(llama_pool["a"]), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
-                                    {"model": str(llama_pool["b"]), "layer_range": [0, 2],
-                                     "parameters": {"weight": 0.5}}]}]}
+            "slices": [{"sources": [
+                {"model": str(llama_pool["a"]), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                {"model": str(llama_pool["b"]), "layer_range": [0, 2], "parameters": {"weight": 0.5}}]}]}
     out = run_merge_config(data, tmp_path / "m", resolve=lambda ref: str(llama_pool[ref.split(":")[1]]))
     merged = all_weights(out)
     assert set(merged) == set(A)
@@ -337,7 +337,8 @@ def test_mergekit_configs_are_checked_at_load():
         ({**three, "merge_method": "linearr"},
          r"baselines\.merges\.0: config: merge_method 'linearr' is not a mergekit merge method \(did you mean "
          r"'linear'\?\)"),
-        ({**three, "merge_method": "ties", "parameters": {}, "models": [{"model": "a", "parameters": {"desnity": 0.5}}]},
+        ({**three, "merge_method": "ties", "parameters": {},
+          "models": [{"model": "a", "parameters": {"desnity": 0.5}}]},
          r"config: models\.0\.parameters: merge method 'ties' has no parameter\(s\) \['desnity'\]"),
         ({**three, "base_modle": "x"}, r"config: unknown mergekit config key\(s\) \['base_modle'\]"),
         ({**three, "models": [{"model": "contestant:sources:a"}, {"model": "contestant:target"}]},
@@ -368,8 +369,8 @@ def test_mergekit_yaml_file_entry(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "merges").mkdir()
-    (tmp_path / "merges" / "code_plus_source.yaml").write_text(ties_yaml("contestant:expert:code", "contestant:source:b",
-                                                                         "contestant:target"))
+    (tmp_path / "merges" / "code_plus_source.yaml").write_text(
+        ties_yaml("contestant:expert:code", "contestant:source:b", "contestant:target"))
     cfg = validate_config(_experiment([{"config": "merges/code_plus_source.yaml"}], clm=False))
     merge = cfg.baselines.merges[0]
     assert merge.label == "code_plus_source"
@@ -382,7 +383,8 @@ def test_mergekit_yaml_file_entry(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config \(merges/nope\.yaml\): mergekit config file merges/nope\.yaml "
                                           r"not found"):
         validate_config(_experiment([{"config": "merges/nope.yaml"}]))
-    (tmp_path / "merges" / "clm.yaml").write_text(ties_yaml("contestant:clm", "contestant:fusellm", "contestant:target"))
+    (tmp_path / "merges" / "clm.yaml").write_text(
+        ties_yaml("contestant:clm", "contestant:fusellm", "contestant:target"))
     with pytest.raises(ConfigError, match=r"contestant:clm: CLM-only is off \(baselines\.clm: false\)"):
         validate_config(_experiment([{"config": "merges/clm.yaml"}], clm=False))
 
