@@ -147,7 +147,7 @@ def ablation_heatmap_figure(ablation: pd.DataFrame, params: list[str], metric: s
         for j in range(mean.shape[1]):
             m, sd = mean.values[i, j], std.values[i, j]
             text = "n/a" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(sd) else f"\n± {sd:.2g}")
-            ax.text(j, i, text, ha="center", va="center", color="w" if not pd.isna(m) else "0.3", fontsize=8)
+            ax.text(j, i, text, ha="center", va="center", color=_text_color(im, m), fontsize=8)
     ax.set_xticks(range(mean.shape[1]), list(mean.columns), fontsize=8)
     ax.set_yticks(range(mean.shape[0]), list(mean.index), fontsize=8)
     ax.set_xlabel("" if cols_p == "_" else cols_p)
@@ -155,6 +155,14 @@ def ablation_heatmap_figure(ablation: pd.DataFrame, params: list[str], metric: s
     ax.set_title(f"{metric} (mean ± std over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, label=metric + (" (lower is better)" if is_bpb(metric) else " (higher is better)"))
     return fig
+
+
+def _text_color(im, value: float) -> str:
+    """Black on light cells, white on dark ones (relative luminance of the cell's colour), grey for n/a."""
+    if pd.isna(value):
+        return "0.3"
+    r, g, b, _ = im.cmap(im.norm(value))
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "white"
 
 
 def plot_ablation_heatmap(ablation: pd.DataFrame, params: list[str], metric: str, out: Path) -> Path:
@@ -202,7 +210,8 @@ def _draw_seeds(ax, runs: pd.DataFrame | None, ablation: pd.DataFrame, params: l
     if not pts:
         return []
     x, y = zip(*pts)
-    return [ax.scatter(x, y, s=12, color="black", alpha=0.6, zorder=3, label="one seed")]
+    return [ax.scatter(x, y, s=18, facecolors="white", edgecolors="black", linewidths=0.8, zorder=3,
+                       label="one seed")]
 
 
 def ablation_bars_figure(ablation: pd.DataFrame, params: list[str], metric: str,
