@@ -354,9 +354,14 @@ class EnsembleLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        args = lm_utils.simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's `--model_args` (parsed) plus its `--batch_size` / `--device`; a key given in the model
+        arguments wins (lm-eval always passes its default batch size)."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
-        return cls(**args, **extra)
+        return cls(**{**extra, **arg_dict})
 
     @property
     def device(self):

@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default=".fuselab/world")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_world)
+    sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with FuseLab's models registered "
+                   "(--model fuselab-ensemble); arguments pass through unchanged (harness/evaluation/lm_eval_cli.py)")
     return p
 
 
@@ -255,6 +257,11 @@ def _stop_on_signals() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        from harness.evaluation.lm_eval_cli import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         # every library's bars too (lm-eval's per-task ones); tqdm reads TQDM_* when it is imported, so now

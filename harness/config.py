@@ -402,6 +402,7 @@ class EvalSettingsSpec(_Strict):
     limit: int | None = Field(None, ge=1)
     max_gen_toks: int = Field(64, ge=1)
     bbh_variant: Literal["direct", "cot"] = "direct"
+    bbh_strip_whitespace: bool = False  # True: BBH exact match ignores surrounding whitespace (lm-eval does not)
 
     @field_validator("batch_size")
     @classmethod
@@ -431,6 +432,7 @@ class EvaluationSpec(_Strict):
     settings: EvalSettingsSpec = Field(default_factory=EvalSettingsSpec)
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     data_dir: str | None = None
+    include_path: list[str] = Field(default_factory=list)  # folders of lm-eval task YAML (lm_eval --include_path)
 
 
 class RuntimeSpec(_Strict):
@@ -689,3 +691,6 @@ def check_local_paths(cfg: ExperimentConfig, source: str, base: Path = Path(".")
                 raise ConfigError(f"{source}: baselines.merges.{i}.config: model path {ref} does not exist")
     if cfg.evaluation.data_dir and not Path(cfg.evaluation.data_dir).expanduser().is_dir():
         raise ConfigError(f"{source}: evaluation.data_dir: folder {cfg.evaluation.data_dir} does not exist")
+    for i, folder in enumerate(cfg.evaluation.include_path):
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"{source}: evaluation.include_path.{i}: folder {folder} does not exist")

@@ -12,6 +12,7 @@ the shared data folder (see its SOURCES.md):
     <data_dir>/commonsense/hellaswag_validation.ai2olmo.jsonl.gz   HF fields (ctx_a, ctx_b, endings, label, ...)
     <data_dir>/commonsense/boolq_validation.ai2olmo.jsonl.gz       HF fields (question, passage, answer)
     <data_dir>/multipl-e/humaneval-<language>.jsonl             MultiPL-E rows (python: HumanEval-X rows)
+    optional, few-shot examples: <data_dir>/commonsense/{arc_easy,arc_challenge,openbookqa}_validation.ai2olmo.jsonl.gz
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ COMMONSENSE_FILES = {
     "boolq": "commonsense/boolq_validation.ai2olmo.jsonl.gz",
     "hellaswag": "commonsense/hellaswag_validation.ai2olmo.jsonl.gz",
     "openbookqa": "commonsense/openbookqa_test.llmfoundry.jsonl",
+}
+# Optional validation copies: few-shot examples for the tasks scored on their test split (lm-eval draws them from
+# train, which the shared data lacks); without them the shots come from the scored split.
+COMMONSENSE_FEWSHOT_FILES = {
+    "arc_easy": "commonsense/arc_easy_validation.ai2olmo.jsonl.gz",
+    "arc_challenge": "commonsense/arc_challenge_validation.ai2olmo.jsonl.gz",
+    "openbookqa": "commonsense/openbookqa_validation.ai2olmo.jsonl.gz",
 }
 # The hub datasets lm-eval 0.4.13's built-in tasks read (checked in the local HF cache before going online).
 BUILTIN_DATASETS = {
@@ -91,9 +99,9 @@ def hf_cache_has(repo_id: str) -> bool:
     from datasets import config as ds_config
     from huggingface_hub import constants as hub_constants
 
-    org, name = repo_id.split("/")
-    candidates = [Path(ds_config.HF_DATASETS_CACHE) / f"{org}___{name}",
-                  Path(hub_constants.HF_HUB_CACHE) / f"datasets--{org}--{name}"]
+    parts = repo_id.split("/")  # "org/name", or a bare canonical name such as "gsm8k"
+    candidates = [Path(ds_config.HF_DATASETS_CACHE) / "___".join(parts),
+                  Path(hub_constants.HF_HUB_CACHE) / ("datasets--" + "--".join(parts))]
     return any(path.is_dir() and any(path.iterdir()) for path in candidates)
 
 
@@ -128,3 +136,56 @@ def resolve_suite_data(suite: str, data_dir: Path | None, languages: tuple[str, 
     lines.extend(f"  <data_dir>/{f}" for f in files)
     lines.append("Formats and upstream sources: see harness/evaluation/data.py and the shared data SOURCES.md.")
     raise DataUnavailableError("\n".join(lines))
+
+
+# `datasets` builders that read local files (`dataset_kwargs.data_files`) instead of a hub repository.
+LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text", "pandas")
+
+
+def _data_files(spec) -> list[str]:
+    if isinstance(spec, str):
+        return [spec]
+    if isinstance(spec, dict):
+        return [f for v in spec.values() for f in _data_files(v)]
+    return [f for v in spec or [] for f in _data_files(v)]
+
+
+def task_dataset_problem(task: str, cfg: dict) -> str | None:
+    """Why lm-eval task `task` (its resolved config `cfg`) cannot read its dataset offline, else None.
+
+    A local builder (`dataset_path: json|csv|parquet|arrow|text`) or a local folder needs its `data_files` (glob
+    patterns allowed); a hub dataset needs to be in the local HF cache. Tasks without a `dataset_path` (Python
+    tasks, custom datasets) are not checked.
+    """
+    import glob
+
+    path = cfg.get("dataset_path")
+    if not path:
+        return None
+    files = _data_files((cfg.get("dataset_kwargs") or {}).get("data_files"))
+    if path in LOCAL_BUILDERS or Path(str(path)).expanduser().exists():
+        missing = [f for f in files if not glob.glob(str(Path(f).expanduser()))]
+        return f"lm-eval task {task!r}: data file(s) not found: {', '.join(missing)}" if missing else None
+    if hf_cache_has(str(path)):
+        return None
+    name = cfg.get("dataset_name")
+    return (f"lm-eval task {task!r} reads the hub dataset {path!r}" + (f" (config {name!r})" if name else "")
+            + ", which is not in the local Hugging Face cache")
+
+
+def check_task_datasets(configs: list[tuple[str, dict]]) -> None:
+    """Raise DataUnavailableError at once when any of the (task, resolved config) pairs cannot read its dataset:
+    missing local files always, a hub dataset absent from the cache only when offline (online lm-eval downloads
+    it). The message names every such dataset and how to provide it."""
+    problems = [p for task, cfg in configs if (p := task_dataset_problem(task, cfg))]
+    offline = bool(problems) and hub_offline()
+    shown = problems if offline else [p for p in problems if "data file(s) not found" in p]
+    if not shown:
+        return
+    reason = " (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set or the hub unreachable)" if offline else ""
+    raise DataUnavailableError(
+        f"lm-eval tasks without their data{reason}:\n" + "\n".join(f"  {line}" for line in shown)
+        + "\nDownload the dataset once online (it is then cached), or point the task at a local copy: an "
+          "evaluation.include_path folder with a group YAML whose task list overrides the built-in task, e.g. "
+          "`task: [{task: arc_easy, dataset_path: json, dataset_name: null, dataset_kwargs: {data_files: "
+          "{train: ..., validation: ..., test: ...}}}]` (docs/SUITES.md).")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,26 @@ def toolchain_problem(language: str) -> str | None:
 def available_languages() -> tuple[str, ...]:
     """Every MultiPL-E language whose toolchain (and test library) is present on this machine."""
     return tuple(lang for lang in LANGUAGES if toolchain_problem(lang) is None)
+
+
+def problem_number(doc: dict) -> int:
+    """The HumanEval number of a row: MultiPL-E "HumanEval_23_strlen", HumanEval-X "Python/0", OpenAI
+    "HumanEval/0"."""
+    name = doc.get("name") or doc.get("task_id") or ""
+    found = re.match(r"HumanEval_(\d+)_", name) or re.search(r"/(\d+)$", name)
+    if found is None:
+        raise ValueError(f"MultiPL-E row without a HumanEval number in name/task_id: {name!r}")
+    return int(found.group(1))
+
+
+def order_problems(dataset, common: list[int]):
+    """lm-eval `process_docs`: the rows by HumanEval number, those in `common` (present in every language of the
+    run) first, so that a limit of k <= len(common) scores the same k problems in every language; a full run
+    still scores every row. `dataset`: a `datasets.Dataset` of MultiPL-E / HumanEval-X rows."""
+    common = set(common)
+    numbers = [problem_number(row) for row in dataset]
+    order = sorted(range(len(numbers)), key=lambda i: (numbers[i] not in common, numbers[i]))
+    return dataset.select(order)
 
 
 def stop_tokens(doc: dict, language: str) -> list[str]:

@@ -1,7 +1,10 @@
-"""`evaluate`: score a model on FuseLab's suites (BBH, CommonSense, MultiPL-E) or any include-path lm-eval task.
+"""`evaluate`: score a model on FuseLab's suites (BBH, CommonSense, MultiPL-E), any lm-eval built-in task or
+group (`arc_easy`, `hellaswag`, `bbh_cot_fewshot`, ...) or any task/group of an include path.
 
-lm-eval is the scorer: every suite becomes lm-eval task YAML over local data (taskgen.py) and one
-`lm_eval.simple_evaluate` call per suite, seeded from `EvalSettings.seed`, turned into a tidy DataFrame.
+lm-eval is the scorer: every FuseLab suite becomes lm-eval task YAML over local data (taskgen.py), and each suite
+is one `lm_eval.simple_evaluate` call, seeded from `EvalSettings.seed`, turned into a tidy DataFrame. A FuseLab
+suite name wins over an lm-eval name ("bbh" is FuseLab's; lm-eval's own is "bbh_cot_fewshot" or "bbh_fewshot").
+Every dataset is checked before the model is loaded (data.py: offline, the missing dataset is named at once).
 """
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 
-from .data import BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, resolve_suite_data
+from .data import (BBH_TASKS, BUILTIN_SUITES, COMMONSENSE_FILES, DataUnavailableError, check_task_datasets,
+                   resolve_suite_data)
 from .multipl_e import available_languages, toolchain_problem
 from .sandbox import check_sandbox
 from .taskgen import (bbh_group_name, bbh_task_name, commonsense_task_name, multipl_e_task_name,
@@ -49,6 +53,7 @@ class EvalSettings:
     bbh_variant: str = "direct"         # or "cot": chain-of-thought prompts from the data's cot-prompts/
     multipl_e_languages: tuple[str, ...] = field(default_factory=available_languages)
     max_gen_toks: int = 256             # tokens generated per example (bbh, multipl_e)
+    bbh_strip_whitespace: bool = False  # True: BBH exact match ignores leading/trailing whitespace (not lm-eval's)
 
 
 def suite_tasks(suite: str, settings: EvalSettings) -> list[str]:
@@ -323,29 +328,126 @@ def _restore_methods(lm, names: list[str]) -> None:
         delattr(lm, name)
 
 
-def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
-             include_paths: list[Path] = (), model_name: str | None = None,
-             log_samples_dir: Path | None = None, task_dir: Path | None = None,
-             progress: bool = True, return_items: bool = False):
-    """Score `model` on `suites` with lm-eval; returns tidy rows (model, suite, task, metric, value, stderr, n, note,
-    primary, level), and with `return_items=True` the pair (rows, per-item scores: `sample_scores`).
+def _references(index: dict, name: str) -> list[str]:
+    """Names a group entry of `index` refers to (its task list: names, or dicts' "task"/"group")."""
+    entry = index.get(name)
+    members = (entry.cfg or {}).get("task") if entry is not None and entry.cfg else None
+    if not isinstance(members, list):
+        return []
+    return [m if isinstance(m, str) else m.get("task") or m.get("group") for m in members
+            if isinstance(m, (str, dict))]
 
-    model: an HF model folder (str/Path; loaded on settings.device in settings.dtype), a loaded (model, tokenizer)
-    pair (scored where it is), or an `lm_eval.api.model.LM` instance (e.g. the output ensemble).
-    suites: "bbh", "commonsense", "multipl_e", or lm-eval task/group names found in `include_paths` (e.g. "micro").
-    Values are fractions in [0, 1] (acc, acc_norm, exact_match, pass@1); `n` is examples scored; group rows (task =
-    group name) are macro averages. A MultiPL-E language without a toolchain gets value NaN and a "not run" note.
-    task_dir: where generated task YAML goes (default: a temporary folder, removed afterwards).
-    progress=False hides the model's per-request progress bars (`disable_tqdm`); results are the same.
-    Data resolution and the offline error: see data.py; MultiPL-E without a code jail raises SandboxUnavailable
-    (sandbox.py) before the model is loaded. Deterministic for fixed settings.
-    """
-    from lm_eval import simple_evaluate
+
+def _resolves_locally(index: dict, name: str, seen: frozenset = frozenset()) -> bool:
+    if name not in index:
+        return False
+    return all(ref in seen or _resolves_locally(index, ref, seen | {name}) for ref in _references(index, name))
+
+
+def task_manager(names: list[str], include_paths=()):
+    """The lm-eval TaskManager that knows `names`: the include paths alone when they define every name and
+    everything those refer to (fast), else lm-eval's built-in tasks plus the include paths (an include path
+    overrides a built-in of the same name; ~5 s to index)."""
     from lm_eval.tasks import TaskManager
 
-    if isinstance(suites, str):
-        suites = [suites]
-    # Resolve every suite's data before the model is loaded, so that missing data fails at once.
+    paths = [str(p) for p in include_paths]
+    if paths:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(_resolves_locally(local.task_index, n) for n in names):
+            return local
+    return TaskManager(include_path=paths or None)
+
+
+def leaf_task_configs(index: dict, name: str, overrides: dict | None = None) -> list[tuple[str, dict]]:
+    """(leaf task name, its config as lm-eval builds it) for task/group/tag `name` of a TaskManager's index:
+    a group's own task-level keys and a member dict's keys override the member's config, as lm-eval's factory
+    does. A member dict naming no registered task is an inline task (its dict is its config)."""
+    from lm_eval.config.group import GroupConfig
+
+    overrides = overrides or {}
+    entry = index.get(name)
+    if entry is None:
+        return [(name, dict(overrides))]
+    kind = entry.kind.name
+    if kind == "TAG":
+        return [leaf for task in sorted(entry.tags) for leaf in leaf_task_configs(index, task, overrides)]
+    cfg = dict(entry.cfg or {})
+    if kind != "GROUP":
+        return [(name, {**cfg, **overrides})]
+    group_fields = {f.name for f in fields(GroupConfig)}
+    merged = {**{k: v for k, v in cfg.items() if k not in group_fields}, **overrides}
+    leaves = []
+    for member in cfg.get("task") or []:
+        if isinstance(member, str):
+            leaves += leaf_task_configs(index, member, merged)
+        elif isinstance(member, dict):
+            ref = member.get("task") or member.get("group")
+            rest = {k: v for k, v in member.items() if k != "group"}
+            leaves += leaf_task_configs(index, ref, {**merged, **rest})
+    return leaves
+
+
+def unknown_names(names: list[str], manager) -> list[str]:
+    """One line per name of `names` that is neither a FuseLab suite nor known to `manager`, with close matches."""
+    import difflib
+
+    lines = []
+    for name in names:
+        if name in BUILTIN_SUITES or name in manager.task_index:
+            continue
+        close = difflib.get_close_matches(name, [*BUILTIN_SUITES, *manager.all_tasks], n=3, cutoff=0.75)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        lines.append(f"{name!r} is neither a FuseLab suite ({', '.join(BUILTIN_SUITES)}) nor an lm-eval task, "
+                     f"group or tag (built-in or in the include paths){hint}")
+    return lines
+
+
+def suite_problems(suites: list[str], include_paths=(), extra_names=()) -> list[str]:
+    """One line per reason `evaluate(..., suites, include_paths=...)` would fail on an lm-eval name, found
+    without loading a model or any data: a name that is not a FuseLab suite, not in `extra_names` (names that
+    exist only later, e.g. the micro world's "micro" group) and unknown to lm-eval; a task whose dataset is
+    missing offline (harness.evaluation.data.check_task_datasets). FuseLab suites are checked by
+    data.resolve_suite_data. For `fuselab plan` / `run` before any stage (harness.pipeline.check_evaluation)."""
+    names = [s for s in suites if s not in BUILTIN_SUITES and s not in set(extra_names)]
+    if not names:
+        return []
+    missing = [p for p in include_paths if not Path(p).expanduser().is_dir()]
+    if missing:
+        return [f"evaluation.include_path: folder {p} does not exist" for p in missing]
+    manager = task_manager(names, include_paths)
+    problems = [f"evaluation.suites: {line}" for line in unknown_names(names, manager)]
+    known = [n for n in names if n in manager.task_index]
+    try:
+        check_task_datasets([leaf for n in known for leaf in leaf_task_configs(manager.task_index, n)])
+    except DataUnavailableError as exc:
+        problems.append("evaluation.suites: " + " ".join(line.strip() for line in str(exc).splitlines()))
+    return problems
+
+
+def _fuselab_suite_run(suite: str, source, settings: EvalSettings, root: Path, model_name: str):
+    """(TaskManager, task names, num_fewshot, not-run rows of MultiPL-E languages without a toolchain) of a
+    FuseLab suite; the manager is None when nothing can run."""
+    from lm_eval.tasks import TaskManager
+
+    languages = settings.multipl_e_languages if suite == "multipl_e" else ()
+    runnable = tuple(lang for lang in languages if toolchain_problem(lang) is None)
+    skipped = pd.DataFrame(_not_run_rows(model_name, tuple(lang for lang in languages if lang not in runnable)),
+                           columns=COLUMNS)
+    if suite == "multipl_e" and not runnable:
+        return None, [], None, skipped
+    if source.kind == "local" or suite == "multipl_e":
+        folder, group, _ = write_suite_tasks(
+            suite, source.root, root, bbh_variant=settings.bbh_variant, num_fewshot=settings.num_fewshot,
+            max_gen_toks=settings.max_gen_toks, languages=runnable,
+            bbh_strip_whitespace=settings.bbh_strip_whitespace)
+        return TaskManager(include_path=[str(folder)], include_defaults=False), [group], None, skipped
+    tasks = BUILTIN_TASK_NAMES[(suite, settings.bbh_variant if suite == "bbh" else None)]
+    return TaskManager(), tasks, settings.num_fewshot, skipped
+
+
+def _resolve_sources(suites: list[str], settings: EvalSettings, data_dir, include_paths) -> tuple[dict, object]:
+    """Every suite's data, before the model is loaded: FuseLab suites' sources, and the TaskManager of the
+    lm-eval names (None without any) after checking their datasets. Raises DataUnavailableError / ValueError."""
     sources = {}
     for suite in suites:
         if suite in BUILTIN_SUITES:
@@ -355,6 +457,42 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                 sources[suite] = resolve_suite_data(suite, data_dir, runnable)
             if suite == "multipl_e" and runnable:
                 check_sandbox()  # no jail here: SandboxUnavailable now, not after every generation
+    names = [s for s in suites if s not in BUILTIN_SUITES]
+    if not names:
+        return sources, None
+    manager = task_manager(names, include_paths)
+    unknown = unknown_names(names, manager)
+    if unknown:
+        raise ValueError("evaluate: " + "; ".join(unknown) + f" (include_paths={[str(p) for p in include_paths]})")
+    check_task_datasets([leaf for n in names for leaf in leaf_task_configs(manager.task_index, n)])
+    return sources, manager
+
+
+def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
+             include_paths: list[Path] = (), model_name: str | None = None,
+             log_samples_dir: Path | None = None, task_dir: Path | None = None,
+             progress: bool = True, return_items: bool = False):
+    """Score `model` on `suites` with lm-eval; returns tidy rows (model, suite, task, metric, value, stderr, n, note,
+    primary, level), and with `return_items=True` the pair (rows, per-item scores: `sample_scores`).
+
+    model: an HF model folder (str/Path; loaded on settings.device in settings.dtype), a loaded (model, tokenizer)
+    pair (scored where it is), or an `lm_eval.api.model.LM` instance (e.g. the output ensemble).
+    suites: "bbh", "commonsense", "multipl_e", or lm-eval task/group/tag names: built-in (e.g. "arc_easy") or
+    found in `include_paths` (e.g. "micro"; an include path overrides a built-in of the same name).
+    Values are fractions in [0, 1] (acc, acc_norm, exact_match, pass@1); `n` is examples scored; group rows (task =
+    group name) are the groups' own aggregates (docs/SUITES.md). A MultiPL-E language without a toolchain gets value
+    NaN and a "not run" note.
+    task_dir: where generated task YAML goes (default: a temporary folder, removed afterwards).
+    progress=False hides the model's per-request progress bars (`disable_tqdm`); results are the same.
+    Before the model is loaded: unknown names raise ValueError (with close matches), missing data
+    DataUnavailableError naming the files or hub datasets (data.py), MultiPL-E without a code jail
+    SandboxUnavailable (sandbox.py). Deterministic for fixed settings.
+    """
+    from lm_eval import simple_evaluate
+
+    if isinstance(suites, str):
+        suites = [suites]
+    sources, named_manager = _resolve_sources(suites, settings, data_dir, include_paths)
     lm = _as_lm(model, settings)
     model_name = model_name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
     frames, item_frames = [], []
@@ -364,36 +502,15 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
         root = Path(task_dir) if task_dir is not None else Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="fuselab-tasks-")))
         for suite in suites:
-            unsafe = False
-            num_fewshot = None
             if suite in BUILTIN_SUITES:
-                languages = settings.multipl_e_languages if suite == "multipl_e" else ()
-                runnable = tuple(lang for lang in languages if toolchain_problem(lang) is None)
-                if suite == "multipl_e":
-                    frames.append(pd.DataFrame(_not_run_rows(model_name, tuple(
-                        lang for lang in languages if lang not in runnable)), columns=COLUMNS))
-                    if not runnable:
-                        continue
-                source = sources[suite]
-                if source.kind == "local" or suite == "multipl_e":
-                    folder, group, _ = write_suite_tasks(
-                        suite, source.root, root, bbh_variant=settings.bbh_variant, num_fewshot=settings.num_fewshot,
-                        max_gen_toks=settings.max_gen_toks, languages=runnable)
-                    manager = TaskManager(include_path=[str(folder)], include_defaults=False)
-                    tasks = [group]
-                else:
-                    manager = TaskManager()
-                    tasks = BUILTIN_TASK_NAMES[(suite, settings.bbh_variant if suite == "bbh" else None)]
-                    num_fewshot = settings.num_fewshot
-                unsafe = suite == "multipl_e"
+                manager, tasks, num_fewshot, skipped = _fuselab_suite_run(suite, sources.get(suite), settings, root,
+                                                                          model_name)
+                frames.append(skipped)
+                if manager is None:
+                    continue
             else:
-                manager = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
-                if suite not in manager.all_tasks:
-                    raise ValueError(f"evaluate: suite {suite!r} is neither a built-in suite "
-                                     f"({', '.join(BUILTIN_SUITES)}) nor an lm-eval task/group in "
-                                     f"include_paths={[str(p) for p in include_paths]}")
-                tasks = [suite]
-                num_fewshot = settings.num_fewshot
+                manager, tasks, num_fewshot = named_manager, [suite], settings.num_fewshot
+            unsafe = suite == "multipl_e"
             with _code_eval_allowed() if unsafe else contextlib.nullcontext(), \
                     summarised_truncation(model_name, suite):
                 results = simple_evaluate(
