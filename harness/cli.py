@@ -20,32 +20,39 @@ def _config(args):
 
 
 def cmd_plan(args) -> int:
+    from harness.config import load_config
+    from harness.corpus import corpus_problems
+    from harness.estimate import estimate, format_estimate, resolve_hardware
     from harness.pipeline import build_plan, check_models
 
-    cfg = _config(args)
+    cfg = load_config(args.config, args.overrides, check_paths=False)  # a plan needs no data: absent is a problem
     plan = build_plan(cfg)
     problems = check_models(cfg, plan.hashes)
     table = plan.table()
-    try:
-        from harness.estimate import estimate
-
-        est = estimate(cfg)
-    except ImportError:
-        est = None
+    est = estimate(cfg, hardware=args.hardware or resolve_hardware())
     print(f"experiment {cfg.name} ({cfg.content_hash()}); cache {plan.cache.root}")
     print(_fusion_switches(cfg.fusion))
     import pandas as pd
 
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
         print(table.to_string(index=False))
-    if est is not None:
-        print("\nestimates:")
-        print(_format_estimate(est))
+    print("\nestimates:")
+    print(format_estimate(est))
     from harness.pipeline import check_evaluation
 
-    for line in [*check_evaluation(cfg), *problems]:  # `fuselab run` stops at these before any stage
+    for line in [*corpus_problems(cfg.corpus), *check_evaluation(cfg), *problems]:  # `run` stops at these
         print(f"fuselab: problem: {line}", file=sys.stderr)
     return 0
+
+
+def _hardware(profile: str):
+    """--hardware: a profile of harness.estimate (or auto); a bad name is a usage error."""
+    from harness.estimate import resolve_hardware
+
+    try:
+        return resolve_hardware(profile)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fusion_switches(fusion) -> str:
@@ -54,19 +61,6 @@ def _fusion_switches(fusion) -> str:
 
     names = ["vocab_map", "fusion", "score", *REFERENCE_PRESET]
     return f"fusion (preset {fusion.preset}): " + ", ".join(f"{n}={getattr(fusion, n)}" for n in names)
-
-
-def _format_estimate(est) -> str:
-    import pandas as pd
-
-    if isinstance(est, pd.DataFrame):
-        return est.to_string(index=False)
-    if isinstance(est, dict):
-        try:
-            return pd.DataFrame(est).T.to_string()
-        except ValueError:
-            return "\n".join(f"  {k}: {v}" for k, v in est.items())
-    return str(est)
 
 
 def cmd_run(args) -> int:
@@ -186,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plan", help="print the stages, which are cached, and estimates; runs nothing")
     with_config(sp)
+    sp.add_argument("--hardware", type=_hardware, default=None, metavar="PROFILE",
+                    help="estimate for a named profile (cpu, a100x8, h100x4, l4...; harness/estimate.py GPU_PEAKS) "
+                         "instead of this machine (default: its CUDA GPUs, else its CPU)")
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("run", help="run (or resume) an experiment")
     with_config(sp)

@@ -487,6 +487,17 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    # further methods (harness.methods.register_method), each with its own parameters: {name: {param: value}}
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: dict) -> dict:
+        from harness.methods import method_params
+
+        for name, params in v.items():
+            method_params(name, params)  # unknown method or parameter: fails here, before any work
+        return v
 
     @field_validator("name")
     @classmethod
@@ -570,6 +581,8 @@ class ExperimentConfig(_Strict):
         if data["runtime"] == RuntimeSpec().model_dump(mode="json"):
             del data["runtime"]  # where it runs by default is not part of what it is (hashes from before stay)
         data["training"].pop("checkpoint_steps")  # how often a run saves changes none of its results
+        if not data["methods"]:
+            del data["methods"]  # no further methods: the same experiment as before the section existed
         return stable_hash(data)
 
     def model_by_label(self, label: str) -> ModelSpec:

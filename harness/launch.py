@@ -193,86 +193,64 @@ def _cpu_deepspeed_state() -> None:
     os.environ[CONFIGURED_STATE_ENV] = "1"
 
 
-def _prepare(cfg, progress: bool):
-    """Run (or find cached) every stage the training stages read; -> (plan, runner, train rows, fused path).
+def launch_training(config: str | Path, overrides: list[str] = (), launcher: str | None = "torchrun",
+                    nproc: int = 1, *, progress: bool = True, timeout_s: float | None = None) -> int:
+    """`fuselab train`: train the target (every training stage of the plan: FuseLLM, CLM-only when enabled, and
+    those of further methods) of `config` under `launcher`.
 
-    The same runner, cache and stage order as `fuselab run` (`StageRunner.prepare_fused`).
+    The same plan, executor, cache and stage order as `fuselab run`: the stages a training reads are run (or
+    found cached) first; a training stage is built by a launched job instead of in this process. Returns 0 on
+    success (the CLI's exit status); raises LaunchError naming the stage and log when a job fails.
     """
+    from harness.config import load_config
+    from harness.executor import Executor
     from harness.models import ModelLoadError
-    from harness.pipeline import StageRunner, build_plan, check_models
+    from harness.pipeline import build_plan, check_models
+    from harness.stages.train import TrainStage
 
+    launcher = None if launcher in (None, "none") else launcher
+    worker_command("job.json", launcher, nproc)  # validates launcher / nproc before any work
+    cfg = load_config(config, list(overrides))
     plan = build_plan(cfg)
     problems = check_models(cfg, plan.hashes)
     if problems:  # before any stage runs, one line per problem naming the model
         raise ModelLoadError("\n".join(problems))
     plan.cache.clean_stale()
-    r = StageRunner(plan, progress)
-    corpus, fused = r.prepare_fused()
-    rows = corpus["train"]
-    return plan, r, rows, fused
-
-
-def launch_training(config: str | Path, overrides: list[str] = (), launcher: str | None = "torchrun",
-                    nproc: int = 1, *, progress: bool = True, timeout_s: float | None = None) -> int:
-    """`fuselab train`: train the target (FuseLLM, and CLM-only when enabled) of `config` under `launcher`.
-
-    Stages already cached are skipped. Returns 0 on success (the CLI's exit status); raises LaunchError
-    naming the stage and log when a job fails.
-    """
-    from dataclasses import asdict as dc_asdict
-
-    from harness.config import load_config
-    from harness.pipeline import VOLATILE_FILES, train_settings
-
-    launcher = None if launcher in (None, "none") else launcher
-    worker_command("job.json", launcher, nproc)  # validates launcher / nproc before any work
-    cfg = load_config(config, list(overrides))
-    plan, runner, rows, fused = _prepare(cfg, progress)
-    target = runner.spec(cfg.target.label)
-    model_ref = runner.model_path(cfg.target.label)
-    model = target.model_copy(update={"ref": model_ref, "name": target.label}).model_dump(mode="json")
-    jobs = [("train/fusellm", fused / "dataset", cfg.fusion.lam)]
-    if cfg.baselines.clm:
-        jobs.append(("train/clm", None, 1.0))
-    launch_root = plan.cache.root.parent / "launch"
-    for stage, dataset, lam in jobs:
-        if plan.cached(stage):
-            if progress:
-                print(f"  [cached] {stage}")
-            continue
-        st = plan.stages[stage]
-        # one build per stage key across concurrent runs (the other waits, then finds it cached)
-        with plan.cache.lock(st.key):
-            if plan.cached(stage):
-                continue
-            if plan.cache.exists(st.key):  # complete but failing its manifest check: replace it
-                plan.cache.discard(st.key)
-            job_dir = launch_root / f"{stage.replace('/', '-')}-{st.key.key}"
-            if dataset is None:
-                dataset = job_dir / "dataset"
-                if dataset.exists():
-                    shutil.rmtree(dataset)
-                runner.clm_dataset(rows).save_to_disk(str(dataset))
-            job = write_job(job_dir, stage=stage, model=model, dataset=dataset,
-                            settings=dc_asdict(train_settings(cfg, device=runner.placement.device,
-                                                              bf16=runner.placement.train_bf16(cfg.training.bf16))),
-                            lam=lam, temperature=cfg.fusion.temperature,
-                            loss_positions=cfg.fusion.loss_positions, checkpoint_dir=runner.checkpoint_dir(stage))
-            if progress:
-                print(f"  [launch] {stage} under {launcher or 'none'} x {nproc} (deepspeed={cfg.training.deepspeed}); "
-                      f"log {job.parent / 'launch.log'}", flush=True)
-            result = run_job(job, launcher, nproc, timeout_s=timeout_s)
-            inputs = {str(plan.stages[i].key): plan.cache.digest(plan.stages[i].key)
-                      for i in st.inputs if plan.stages[i].kind != "world"}
-            with plan.cache.atomic_dir(st.key, meta={"stage": stage, "settings": st.settings,
-                                                     "launcher": launcher, "nproc": nproc}, inputs=inputs,
-                                     volatile=VOLATILE_FILES) as tmp:
-                shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
-                shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
-            shutil.rmtree(runner.checkpoint_dir(stage), ignore_errors=True)  # published: a rerun has nothing to resume
-            if progress:
-                print(f"           {stage} done in {result['launch_seconds']:.1f} s", flush=True)
+    ex = Executor(plan, progress=progress)
+    for stage in [st for st in plan.stages.values() if isinstance(st, TrainStage)]:
+        for dep in stage.inputs().values():
+            ex.ensure(dep)
+        ex.ensure(stage, build=lambda tmp, st=stage: _launched_build(st, tmp, ex, launcher, nproc, timeout_s))
     return 0
+
+
+def _launched_build(stage, tmp: Path, ex, launcher: str | None, nproc: int, timeout_s: float | None) -> None:
+    """Build a training stage by a job under `launcher`: its model and train_result.json into `tmp`."""
+
+    from harness.stages.corpus import CorpusStage
+    from harness.stages.train import clm_dataset, train_settings
+
+    env, p = ex.env, ex.placement
+    job_dir = ex.cache.root.parent / "launch" / f"{stage.name.replace('/', '-')}-{stage.key.key}"
+    if isinstance(stage.data, CorpusStage):  # CLM on the corpus: the job reads the tokenized documents
+        dataset = job_dir / "dataset"
+        if dataset.exists():
+            shutil.rmtree(dataset)
+        clm_dataset(env.tokenizer(stage.target_spec), env.corpus_rows(stage.data)["train"]).save_to_disk(str(dataset))
+    else:
+        dataset = env.path(stage.data) / "dataset"
+    target = stage.target_spec
+    model = target.model_copy(update={"ref": env.model_path(target), "name": target.label}).model_dump(mode="json")
+    settings = train_settings(stage.training, stage.seed, device=p.device,
+                              bf16=p.train_bf16(bool(stage.training.get("bf16", False))))
+    job = write_job(job_dir, stage=stage.name, model=model, dataset=dataset, settings=asdict(settings),
+                    lam=stage.lam, temperature=stage.temperature, loss_positions=stage.loss_positions,
+                    checkpoint_dir=env.checkpoint_dir(stage))
+    ex.say(f"  [launch] {stage.name} under {launcher or 'none'} x {nproc} (deepspeed={settings.deepspeed}); "
+           f"log {job.parent / 'launch.log'}")
+    run_job(job, launcher, nproc, timeout_s=timeout_s)
+    shutil.move(str(job_dir / "output" / "model"), str(tmp / "model"))
+    shutil.copy(job_dir / "output" / "train_result.json", tmp / "train_result.json")
 
 
 if __name__ == "__main__":

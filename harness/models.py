@@ -458,6 +458,23 @@ def load_model(spec: ModelSpec, *, world=None, cache_dir: Path | None = None, wi
     return LoadedModel(label=spec.label, ref=spec.ref, path=resolved, model=model, tokenizer=tok)
 
 
+def load_folder(folder: str | Path, *, device: str = "cpu", dtype: str | None = None,
+                attn_implementation: str | None = None):
+    """(model, tokenizer) of a model folder a stage wrote (trained target, expert, merge: safetensors), read once
+    onto `device` in `dtype` (default: as saved), eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"dtype": getattr(torch, _DTYPES[dtype])} if dtype else {}
+    if device != "cpu":
+        kw["device_map"] = device  # weights read straight onto the GPU
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kw)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
 def describe(loaded: LoadedModel) -> dict:
     cfg = loaded.model.config if loaded.model is not None else None
     return {

@@ -44,8 +44,9 @@ class ExperimentData:
 def _as_data(obj: Any) -> ExperimentData:
     if isinstance(obj, ExperimentData):
         return obj
-    if hasattr(obj, "results") and hasattr(obj, "config"):  # harness.pipeline.ExperimentResult
-        return ExperimentData(obj.config.name, obj.results, obj.eval_long, dict(obj.losses),
+    if hasattr(obj, "results") and hasattr(obj, "config"):  # harness.results.ExperimentResult
+        name = obj.config.name if obj.config is not None else Path(obj.run_dir).name
+        return ExperimentData(name, obj.results, obj.eval_long, dict(obj.losses),
                               getattr(obj, "stage_times", pd.DataFrame()),
                               getattr(obj, "intervals", pd.DataFrame()), getattr(obj, "comparisons", pd.DataFrame()))
     if isinstance(obj, pd.DataFrame):
@@ -72,7 +73,6 @@ def results_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for c in metric_cols:
         out[c[len("metrics."):]] = rows[c].values
     out = out.dropna(axis=1, how="all")
-    out = _order_rows(out)
     score = [c for c in out.columns[2:] if not c.startswith("bpb_")]
     bpb = sorted(c for c in out.columns[2:] if c.startswith("bpb_") and c != "bpb_avg")
     return out[["model", "method", *score, *bpb, *(["bpb_avg"] if "bpb_avg" in out.columns else [])]]
@@ -83,12 +83,6 @@ def _method_rank(method: str) -> int:
         if str(method).lower().startswith(m.lower()):
             return i
     return len(METHOD_ORDER)
-
-
-def _order_rows(df: pd.DataFrame) -> pd.DataFrame:
-    # Paper order: sources, target, CLM-only, FuseLLM, ensemble, merges; stable within a group.
-    key = df["method"].map(_method_rank)
-    return df.assign(_k=key).sort_values("_k", kind="stable").drop(columns="_k").reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -146,7 +140,7 @@ def uncertainty_table(result_or_data: Any) -> pd.DataFrame:
     per suite `<suite> lm-eval se` (lm-eval's stderr of the suite average). Values without an interval (no
     per-unit scores) are shown alone; missing values are empty."""
     data = _as_data(result_or_data)
-    res = _order_rows(data.results.copy())
+    res = data.results.copy()  # in contestant order (harness.contestants)
     iv = data.intervals.set_index(["model", "score"]) if len(data.intervals) else None
     cmp = data.comparisons
     scores = [c for c in res.columns if c not in ("model", "method") and pd.api.types.is_numeric_dtype(res[c])]
@@ -181,7 +175,7 @@ def comparison_table(result_or_data: Any) -> pd.DataFrame:
     cmp = data.comparisons
     if not len(cmp):
         return pd.DataFrame()
-    order = {m: i for i, m in enumerate(_order_rows(data.results.copy())["model"])}
+    order = {m: i for i, m in enumerate(data.results["model"])}
     rows: dict[tuple[str, str], dict[str, str]] = {}
     for r in cmp.itertuples():
         mark = r.mark if isinstance(r.mark, str) else ""
@@ -207,7 +201,7 @@ def experiment_table(result_or_runs: Any, *, per_task: bool = False, gains: bool
     `result_or_runs`: an `ExperimentResult`, its `results` DataFrame, or the `mlflow.search_runs` rows of
     the pipeline's per-model runs."""
     data = _as_data(result_or_runs)
-    res = _order_rows(data.results.copy())
+    res = data.results.copy()  # in contestant order (harness.contestants)
     table = res.set_index("model")
     scores, bpbs = score_columns(res), bpb_columns(res)
     cols = ["method", *scores]
@@ -310,52 +304,24 @@ def _stage_times_section(stage_times: pd.DataFrame, out_dir: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- MLflow
 def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
-    """Read an experiment run back: the per-model child runs (results), `eval_long.csv` (artifact, for
-    per-task scores and error bars) and the `loss/<method>` metric histories."""
+    """Read an experiment run back from its results folder (artifacts `results/`, harness.results: the table,
+    the long format, intervals, paired tests, training curves, stage times), as the pipeline logged it."""
+    import tempfile
+
+    from harness.results import RESULTS_DIR, ExperimentResult
+
     run = client.get_run(run_id)
-    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-                                  max_results=10000)
-    runs_df = _runs_frame(children)
-    if not len(runs_df) or "tags.fuselab.model" not in runs_df.columns:
-        raise ValueError(f"MLflow run {run_id} ({run.info.run_name}) has no per-model child runs; it is not an "
-                         "experiment run of the pipeline (use the run of `fuselab run`, or a study)")
-    results = results_from_runs(runs_df)
-    eval_long = pd.DataFrame()
-    try:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, "eval_long.csv", tmp)
-            eval_long = pd.read_csv(local)
-    except Exception:  # older runs without the artifact: no per-task columns, no error bars
-        pass
-    stage_times = pd.DataFrame()
-    try:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            stage_times = pd.read_csv(client.download_artifacts(run_id, "stage_times.csv", tmp))
-    except Exception:  # runs logged before stage times were kept
-        pass
-    uncertainty = {}
-    for name in ("intervals", "comparisons"):
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                uncertainty[name] = pd.read_csv(client.download_artifacts(run_id, f"{name}.csv", tmp))
-        except Exception:  # runs logged before intervals were computed: the report shows bare values
-            uncertainty[name] = pd.DataFrame()
-    losses = {}
-    for key in run.data.metrics:
-        # `loss/<method>` (the pipeline); `<method>/train_loss` from older runs
-        method = key[len("loss/"):] if key.startswith("loss/") else key[: -len("/train_loss")] \
-            if key.endswith("/train_loss") else None
-        if method:
-            hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-            losses[method] = [(m.step, m.value) for m in hist]
-    return ExperimentData(run.info.run_name or run_id, results, eval_long, losses, stage_times,
-                          uncertainty["intervals"], uncertainty["comparisons"])
+            local = client.download_artifacts(run_id, RESULTS_DIR, tmp)
+            res = ExperimentResult.load(Path(local))
+        except Exception as exc:
+            raise ValueError(f"MLflow run {run_id} ({run.info.run_name}) has no `{RESULTS_DIR}/` artifact folder "
+                             f"with a results.csv ({type(exc).__name__}); it is not an experiment run of the "
+                             "pipeline (use the run of `fuselab run`, or a study), or it was logged by FuseLab "
+                             "before 0.3 (rerun it: the stages are cached)") from None
+    return ExperimentData(run.info.run_name or run_id, res.results, res.eval_long, res.losses, res.stage_times,
+                          res.intervals, res.comparisons)
 
 
 def _runs_frame(runs) -> pd.DataFrame:

@@ -154,7 +154,7 @@ def test_reference_switches_reach_the_vocab_and_aligned_stages(tmp_path, micro_w
     from fusion.distributions import topk_arrays
     from fusion.tokens import tokenize_document
     from fusion.vocab import build_vocab_map
-    from harness.pipeline import StageRunner
+    from harness.executor import Executor
 
     few = "corpus.max_docs_per_domain=3"
     ref = small_config(tmp_path, few, "fusion.preset=reference", "fusion.vocab_map=em", "fusion.alignment=dtw",
@@ -168,14 +168,13 @@ def test_reference_switches_reach_the_vocab_and_aligned_stages(tmp_path, micro_w
         {"text": "reference", "special_tokens": "string"}
     assert {k: plan.stages[f"aligned/{src}"].settings[k] for k in ("position0", "empty_rows")} == \
         {"position0": "prepend_marker", "empty_rows": "target"}
-    r = StageRunner(plan, progress=False)
-    rows = r.corpus()["train"]
-    for label in (tgt, src):
-        r.distributions(label, rows)
-    vocab_dir = r.vocab(src)
-    aligned = datasets.load_from_disk(str(r.aligned(src, rows) / "dataset"))
+    ex = Executor(plan, progress=False)
+    rows = ex.env.corpus_rows(plan.stages["corpus"]) if ex.ensure(plan.stages["corpus"]) else None
+    rows = rows["train"]
+    vocab_dir = ex.ensure(plan.stages[f"vocab/{src}"])
+    aligned = datasets.load_from_disk(str(ex.ensure(plan.stages[f"aligned/{src}"]) / "dataset"))
 
-    src_tok, tgt_tok = r.tokenizer(src), r.tokenizer(tgt)
+    src_tok, tgt_tok = (ex.env.tokenizer(ref.model_by_label(label)) for label in (src, tgt))
     vm = build_vocab_map("em", src_tok, tgt_tok, text="reference", special_tokens="string")
     np.testing.assert_array_equal(np.load(vocab_dir / "source_to_target.npy"), vm.source_to_target)
     np.testing.assert_array_equal(np.load(vocab_dir / "prefixed_to_target.npy"), vm.prefixed_to_target)

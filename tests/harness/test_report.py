@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution
 
 from harness.config import validate_config
-from harness.pipeline import ExperimentResult, _track_result
+from harness.results import ExperimentResult
+from harness.runlog import track_result
 from harness.report import experiment_from_mlflow, experiment_table, per_task_scores, suite_stderr
 from harness.tracking import Tracker
 from studies.attrs import ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE
@@ -39,10 +40,9 @@ EVAL_LONG = pd.DataFrame([
 ], columns=["model", "suite", "task", "metric", "value", "stderr", "n"])
 
 
-def test_experiment_table_orders_rows_and_computes_exact_gains():
+def test_experiment_table_keeps_the_contestant_order_and_computes_exact_gains():
     table = experiment_table(RESULTS)
-    assert list(table.index) == ["neox-code", "gpt2-arithmetic", "llama-docs", "clm", "fusellm", "ensemble",
-                                 "merge:linear"]
+    assert list(table.index) == list(RESULTS["model"])  # the plan's contestant order, never re-sorted by name
     assert list(table.columns[:5]) == ["method", "micro", "bpb_code", "bpb_docs", "bpb_avg"]
     f = table.loc["fusellm"]
     assert f["micro vs target (%)"] == pytest.approx(50.0, rel=1e-12)  # (0.75 - 0.5) / 0.5
@@ -167,13 +167,15 @@ def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
-    """A finished experiment logged the way the pipeline logs it (its own `_track_result`)."""
+    """A finished experiment logged the way the pipeline logs it (harness.runlog.track_result of its saved
+    results folder)."""
     wd = tmp_path_factory.mktemp("report-store")
     tracker = Tracker(None, "report-test", wd)
-    result = _result(wd)
+    result = _result(wd / "run")
+    result.save(result.run_dir)
     with tracker.run("report-test", tags={"fuselab.kind": "experiment"}) as run:
         tracker.log_config(result.config)
-        _track_result(tracker, result, result.config)
+        track_result(tracker, result, contestants=[])
     return wd, tracker, run.info.run_id, result
 
 

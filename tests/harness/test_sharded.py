@@ -86,7 +86,8 @@ def test_pipeline_shards_extraction_itself(micro_world, tmp_path):
     from pathlib import Path
 
     from harness.config import load_config
-    from harness.pipeline import StageRunner, build_plan
+    from harness.executor import Executor
+    from harness.pipeline import build_plan
 
     quickstart = Path(__file__).resolve().parents[2] / "studies" / "micro_quickstart.yaml"
     cfg = load_config(quickstart, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=5", "runtime.device=cpu",
@@ -94,9 +95,9 @@ def test_pipeline_shards_extraction_itself(micro_world, tmp_path):
     plan = build_plan(cfg)
     single_plan = build_plan(load_config(quickstart, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=5"]))
     assert plan.stages["distributions/neox-code"].key == single_plan.stages["distributions/neox-code"].key
-    runner = StageRunner(plan, progress=False)
-    rows = runner.corpus()["train"]
-    stage = runner.distributions("neox-code", rows)
+    ex = Executor(plan, progress=False)
+    stage = ex.ensure(plan.stages["distributions/neox-code"])
+    rows = ex.env.corpus_rows(plan.stages["corpus"])["train"]
     sharded = datasets.load_from_disk(str(stage / "dataset"))
     assert json.loads((stage / "runtime.json").read_text()) == {"device": "cpu", "dtype": "float32", "processes": 2}
     assert not (stage / "_sharded").exists()  # the ranks' work folder is not kept in the cache

@@ -1,0 +1,166 @@
+"""Each stage kind's build on tiny inputs (two tiny local models, a small text corpus), one stage at a time
+through the executor, without running the whole pipeline. Oracles come from what each stage is documented to
+write (harness/stages/*.py, docs/ARCHITECTURE.md), not from re-running its code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tests.tiny as tiny
+from fusion.tokens import tokenize_document
+from harness.config import validate_config
+from harness.executor import Executor
+from harness.plan import build_plan
+from harness.results import LONG_COLUMNS
+
+BLOCK = 24
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir):
+    wd = tmp_path_factory.mktemp("stages")
+    text, code = wd / "notes.jsonl", wd / "code.jsonl"  # one document per row, the domain is the file stem
+    text.write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i, t in enumerate(tiny.TRAIN_TEXT[:8])))
+    code.write_text("".join(json.dumps({"text": f"{t}# {i}\n"}) + "\n"
+                            for i, t in enumerate(tiny.TRAIN_TEXT[2:4] * 4)))
+    cfg = validate_config({
+        "name": "stages", "workdir": str(wd / "work"),
+        "target": {"name": "tl", "ref": str(tiny_llama_dir)},
+        "sources": [{"name": "tl", "ref": str(tiny_llama_dir)}, {"name": "tg", "ref": str(tiny_gpt2_dir)}],
+        "corpus": {"kind": "jsonl", "paths": [str(text), str(code)], "validation_fraction": 0.25},
+        "fusion": {"top_k": 4, "extraction_batch_size": 4},
+        "training": {"block_size": BLOCK, "per_device_batch_size": 2, "max_steps": 2, "logging_steps": 1},
+        "baselines": {"clm": True, "ensemble": {"enabled": False}, "merges": [{"name": "half", "config": {
+            "merge_method": "linear", "dtype": "float32",
+            "models": [{"model": "contestant:fusellm", "parameters": {"weight": 0.5}},
+                       {"model": "contestant:target", "parameters": {"weight": 0.5}}]}}]},
+        "evaluation": {"suites": [], "perplexity": {"window": 16, "stride": 8, "max_docs_per_domain": 2}},
+        "methods": {"fuse_then_merge": {"merges": [{"method": "linear"}]}},
+    })
+    import os
+    os.environ.pop("FUSELAB_WORKDIR", None)
+    p = build_plan(cfg)
+    return p, Executor(p, progress=False)
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_corpus_splits_documents_to_fit_every_tokenizer(plan, tiny_llama_dir, tiny_gpt2_dir):
+    p, ex = plan
+    from harness.stages.corpus import read_corpus
+
+    rows = read_corpus(ex.ensure(p.stages["corpus"]))
+    assert set(rows) == {"train", "validation"}
+    assert [r["doc_id"] for r in rows["train"]] == list(range(len(rows["train"])))
+    assert {r["domain"] for r in rows["train"]} == {"notes", "code"}
+    for path in (tiny_llama_dir, tiny_gpt2_dir):
+        tok = _tok(path)
+        assert max(len(tokenize_document(tok, r["text"])) for r in rows["train"]) <= BLOCK
+
+
+def test_distributions_one_row_per_document_with_its_tokens(plan, tiny_gpt2_dir):
+    p, ex = plan
+    ds = datasets.load_from_disk(str(ex.ensure(p.stages["distributions/tg"]) / "dataset"))
+    rows = ex.env.corpus_rows(p.stages["corpus"])["train"]
+    assert ds["doc_id"] == [r["doc_id"] for r in rows]
+    tok = _tok(tiny_gpt2_dir)
+    for row, doc in zip(ds, rows):
+        n = len(tokenize_document(tok, doc["text"]))
+        assert row["n_tokens"] == n and len(row["topk_ids"]) == len(row["topk_logprobs"]) == n * 4
+        assert np.all(np.exp(np.asarray(row["topk_logprobs"], dtype=np.float32)).reshape(n, 4).sum(1) <= 1.001)
+
+
+def test_vocab_map_covers_the_source_vocabulary(plan, tiny_gpt2_dir, tiny_llama_dir):
+    p, ex = plan
+    out = ex.ensure(p.stages["vocab/tg"])
+    m = np.load(out / "source_to_target.npy")
+    assert m.shape == (len(_tok(tiny_gpt2_dir)),) and m.dtype == np.int32
+    assert m.max() < len(_tok(tiny_llama_dir)) and m.min() >= -1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {"method": "mined", "mapped": int((m >= 0).sum()), "source_vocab": len(m)}
+
+
+def test_aligned_rows_are_on_the_target_tokenization(plan, tiny_llama_dir):
+    p, ex = plan
+    ds = datasets.load_from_disk(str(ex.ensure(p.stages["aligned/tg"]) / "dataset"))
+    tok = _tok(tiny_llama_dir)
+    for row, doc in zip(ds, ex.env.corpus_rows(p.stages["corpus"])["train"]):
+        assert len(row["ids"]) == len(row["probs"]) == len(tokenize_document(tok, doc["text"])) * 4
+
+
+def test_fused_mince_takes_the_lower_ce_model_per_document(plan):
+    p, ex = plan
+    out = ex.ensure(p.stages["fused"])
+    tgt = datasets.load_from_disk(str(ex.env.path(p.stages["distributions/tl"]) / "dataset"))
+    src = datasets.load_from_disk(str(ex.env.path(p.stages["distributions/tg"]) / "dataset"))
+    n_target = sum(float(a) <= float(b) for a, b in zip(tgt["ce"], src["ce"]))  # MinCE ties keep the target
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"] == len(tgt)
+    assert stats["mince_chosen"].get("tl", 0) == n_target and stats["mince_chosen"].get("tg", 0) == len(tgt) - n_target
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds.column_names == ["doc_id", "input_ids", "fused_ids", "fused_probs", "k"]
+
+
+def test_train_records_a_loss_per_step(plan):
+    p, ex = plan
+    out = ex.ensure(p.stages["train/fusellm"])
+    rec = json.loads((out / "train_result.json").read_text())
+    assert sorted(int(s) for s in rec["losses"]) == [1, 2] and rec["model_dir"] == "model"
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_linear_merge_is_the_mean_of_the_pairwise_fused_targets(plan):
+    p, ex = plan
+    # fuse-then-merge with one source: one fused target (fused/tg -> train/fuse-tg), merged linearly = itself
+    merged = load_file(str(ex.ensure(p.stages["merge/fuse-then-linear"]) / "model" / "model.safetensors"))
+    single = load_file(str(ex.env.path(p.stages["train/fuse-tg"]) / "model" / "model.safetensors"))
+    for name, w in single.items():
+        torch.testing.assert_close(merged[name], w, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_writes_the_long_format(plan):
+    p, ex = plan
+    from harness.stages.evaluate import read_eval
+
+    long = read_eval(ex.ensure(p.stages["eval/tg"]))
+    assert set(LONG_COLUMNS) <= set(long.columns) and set(long["model"]) == {"tg"}
+    bpb = long[long["metric"] == "bits_per_byte"]
+    assert sorted(bpb["task"]) == ["code", "notes"] and (bpb["value"] > 0).all()
+
+
+def test_every_stage_key_changes_with_its_version(plan):
+    from harness.stages.fused import FusedStage
+
+    p, _ = plan
+    fused = p.stages["fused"]
+    before = fused.key
+    FusedStage.version += 1
+    try:
+        fused.__dict__.pop("_key")
+        assert fused.key != before
+    finally:
+        FusedStage.version -= 1
+        fused.__dict__.pop("_key")
+    assert fused.key == before
+
+
+def test_a_mergekit_config_over_contestants_merges_their_models(plan, tiny_llama_dir):
+    p, ex = plan
+    # linear, weights 0.5 / 0.5 (mergekit normalises by their sum): every tensor is (fusellm + target) / 2
+    assert "merge:half" in [c.label for c in p.contestants]
+    assert p.stages["merge/half"].inputs() == {"models.0": p.stages["train/fusellm"]}
+    merged = load_file(str(ex.ensure(p.stages["merge/half"]) / "model" / "model.safetensors"))
+    fused = load_file(str(ex.env.path(p.stages["train/fusellm"]) / "model" / "model.safetensors"))
+    target = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
+    for name, w in fused.items():
+        torch.testing.assert_close(merged[name], (w + target[name]) / 2, rtol=0, atol=1e-6)
