@@ -178,66 +178,97 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _jail_command(argv: list[str], files: dict[str, str], limits: SandboxLimits, visible: list[str],
-                  fds: list[int]) -> tuple[list[str], int]:
-    """bwrap argv running `argv` jailed, and the read end of bwrap's info pipe. Every descriptor the command
-    needs is appended to `fds` (the caller passes them to the child and closes them, the info read end too)."""
-    bwrap = shutil.which("bwrap")
+def _fd_arg(fds: list[int], name: str, data: bytes) -> str:
+    """A memfd holding `data`, appended to `fds`; its number as a bwrap argument."""
+    fds.append(_memfd(name, data))
+    return str(fds[-1])
 
-    def fd_of(name: str, data: bytes) -> str:
-        fds.append(_memfd(name, data))
-        return str(fds[-1])
 
-    as_root = os.geteuid() == 0
-    uid = _SANDBOX_UID_BASE + secrets.randbelow(1 << 24) if as_root else os.getuid()
-    gid = uid if as_root else os.getgid()
-    info_read, info_write = os.pipe()
-    fds.append(info_write)
-    cmd = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-           "--die-with-parent", "--new-session", "--info-fd", str(info_write)]
+def _parent_dirs(path: str, made: set[str], mode: str = "0755") -> list[str]:
+    """bwrap arguments creating the parents of `path` not in `made` (which records them)."""
+    # bwrap would create missing parents mode 0700 (root's when we are root): make them traversable.
+    out = []
+    for parent in reversed(Path(path).parents):
+        if str(parent) not in made:
+            out += ["--perms", mode, "--dir", str(parent)]
+            made.add(str(parent))
+    return out
+
+
+def _namespace_args(info_write: int, as_root: bool) -> list[str]:
+    """bwrap and its namespace options (the program, its parent, session and info pipe)."""
+    cmd = [shutil.which("bwrap"), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+           "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--info-fd", str(info_write)]
     if not as_root:
         cmd += ["--unshare-user", "--disable-userns"]
-    cmd += ["--hostname", "sandbox"]
-    made = {"/"}
+    return cmd + ["--hostname", "sandbox"]
 
-    def parents(path: str, mode: str = "0755") -> list[str]:
-        # bwrap would create missing parents mode 0700 (root's when we are root): make them traversable.
-        out = []
-        for parent in reversed(Path(path).parents):
-            if str(parent) not in made:
-                out += ["--perms", mode, "--dir", str(parent)]
-                made.add(str(parent))
-        return out
 
+def _filesystem_args(limits: SandboxLimits, dir_mode: str, made: set[str]) -> list[str]:
+    """The read-only system directories, /proc, /dev and the size-limited writable tmpfs mounts."""
+    cmd = []
     for path in SYSTEM_PATHS:
         if os.path.islink(path):
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
     size = str(limits.work_dir_mb * MB)
-    # As root the files are created by bwrap (root) and used by the unprivileged uid: world-writable.
-    dir_mode, file_mode = ("0777", "0666") if as_root else ("0700", "0600")
     cmd += ["--proc", "/proc", "--dev", "/dev",
             "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
             "--perms", dir_mode, "--size", size, "--tmpfs", WORK_DIR]
     made.update(("/proc", "/dev", "/dev/shm", "/tmp", WORK_DIR))
+    return cmd
+
+
+def _visible_args(visible: list[str], made: set[str]) -> list[str]:
+    """Read-only binds of the allowed /etc entries and of `visible` (paths outside the system directories)."""
     # After the tmpfs mounts, so that a path exposed under /tmp is not hidden by the jail's own /tmp.
     etc = sorted({p for pattern in ETC_VISIBLE for p in glob.glob(os.path.join("/etc", pattern))})
+    cmd = []
     for path in _minimal(etc + [p for p in visible if not _under(os.path.abspath(p), SYSTEM_PATHS)]):
-        cmd += parents(path) + ["--ro-bind", path, path]
+        cmd += _parent_dirs(path, made) + ["--ro-bind", path, path]
+    return cmd
+
+
+def _account_args(uid: int, gid: int, fds: list[int], made: set[str]) -> list[str]:
+    """A synthetic /etc/passwd and /etc/group naming the sandbox user."""
     passwd = (f"root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{uid}:{gid}:sandbox:{WORK_DIR}:/bin/sh\n"
               "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
     group = f"root:x:0:\nsandbox:x:{gid}:\nnogroup:x:65534:\n"
-    cmd += parents("/etc/passwd")
-    cmd += ["--perms", "0644", "--ro-bind-data", fd_of("passwd", passwd.encode()), "/etc/passwd",
-            "--perms", "0644", "--ro-bind-data", fd_of("group", group.encode()), "/etc/group"]
+    return _parent_dirs("/etc/passwd", made) + [
+        "--perms", "0644", "--ro-bind-data", _fd_arg(fds, "passwd", passwd.encode()), "/etc/passwd",
+        "--perms", "0644", "--ro-bind-data", _fd_arg(fds, "group", group.encode()), "/etc/group"]
+
+
+def _work_file_args(files: dict[str, str], modes: tuple[str, str], fds: list[int], made: set[str]) -> list[str]:
+    """The program's files (relative name -> text) under the work directory; modes: (directories, files)."""
+    dir_mode, file_mode = modes
+    cmd = []
     for name, text in files.items():
         target = os.path.normpath(os.path.join(WORK_DIR, name))
         if not _under(target, [WORK_DIR]) or target == WORK_DIR:
             raise ValueError(f"run_sandboxed: file name {name!r} leaves the work directory")
-        cmd += parents(target, dir_mode)
-        cmd += ["--perms", file_mode, "--file", fd_of(name, text.encode("utf-8")), target]
+        cmd += _parent_dirs(target, made, dir_mode)
+        cmd += ["--perms", file_mode, "--file", _fd_arg(fds, name, text.encode("utf-8")), target]
+    return cmd
+
+
+def _jail_command(argv: list[str], files: dict[str, str], limits: SandboxLimits, visible: list[str],
+                  fds: list[int]) -> tuple[list[str], int]:
+    """bwrap argv running `argv` jailed, and the read end of bwrap's info pipe. Every descriptor the command
+    needs is appended to `fds` (the caller passes them to the child and closes them, the info read end too)."""
+    as_root = os.geteuid() == 0
+    uid = _SANDBOX_UID_BASE + secrets.randbelow(1 << 24) if as_root else os.getuid()
+    gid = uid if as_root else os.getgid()
+    info_read, info_write = os.pipe()
+    fds.append(info_write)
+    # As root the files are created by bwrap (root) and used by the unprivileged uid: world-writable.
+    modes = ("0777", "0666") if as_root else ("0700", "0600")
+    made = {"/"}
+    cmd = _namespace_args(info_write, as_root) + _filesystem_args(limits, modes[0], made)
+    cmd += _visible_args(visible, made) + _account_args(uid, gid, fds, made)
+    cmd += _work_file_args(files, modes, fds, made)
     cmd += ["--remount-ro", "/", "--chdir", WORK_DIR, "--"]
     if as_root:
         cmd += [shutil.which("setpriv") or "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
@@ -596,6 +627,65 @@ def _limit_child(limits: SandboxLimits, nproc: int, cgroup: _Cgroup | None):
 
 
 # ------------------------------------------------------------------------------------------------- run
+@dataclass
+class _Launch:
+    """How to start one run: the command, its directories, and the descriptors the child inherits."""
+    command: list[str]
+    cwd: str
+    home: str
+    tmp: str
+    dropped: bool                 # runs as a fresh unprivileged uid
+    pass_fds: list[int]
+    info_fd: int | None = None    # read end of bwrap's info pipe (the jail only)
+
+
+def _jailed_launch(argv: list[str], files: dict[str, str], limits: SandboxLimits, visible: list[str],
+                   stack: contextlib.ExitStack) -> _Launch:
+    pass_fds: list[int] = []
+    try:
+        command, info_fd = _jail_command(list(argv), files, limits, visible, pass_fds)
+    except BaseException:
+        for fd in pass_fds:
+            os.close(fd)
+        raise
+    stack.callback(os.close, info_fd)
+    return _Launch(command, "/", WORK_DIR, "/tmp", os.geteuid() == 0, pass_fds, info_fd)
+
+
+def _unjailed_launch(argv: list[str], files: dict[str, str], stack: contextlib.ExitStack) -> _Launch:
+    work = stack.enter_context(tempfile.TemporaryDirectory(prefix="fuselab-sandbox-"))
+    for name, text in files.items():
+        target = Path(work) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return _Launch([*_unjailed_prefix(), *argv], work, work, work, False, [])
+
+
+def _stdin_file(stdin: str | None, stack: contextlib.ExitStack):
+    """A temporary file holding `stdin` (utf-8), rewound; None for no input."""
+    if stdin is None:
+        return None
+    stdin_file = stack.enter_context(tempfile.TemporaryFile())
+    stdin_file.write(stdin.encode("utf-8"))
+    stdin_file.seek(0)
+    return stdin_file
+
+
+def _spawn(launch: _Launch, child_env: dict[str, str], limits: SandboxLimits, cgroup: _Cgroup | None,
+           stdin_file) -> subprocess.Popen:
+    # A fresh uid has no other task, so the limit is the run's own; otherwise it comes on top of ours.
+    nproc = limits.max_processes if launch.dropped else _user_task_count() + limits.max_processes
+    try:
+        return subprocess.Popen(
+            launch.command, cwd=launch.cwd, env=child_env, start_new_session=True, pass_fds=launch.pass_fds,
+            stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_child(limits, nproc, cgroup))
+    finally:
+        # The child holds its own copies; ours (the info pipe's write end above all) must go for EOF.
+        for fd in launch.pass_fds:
+            os.close(fd)
+
+
 def run_sandboxed(argv: list[str], files: dict[str, str] | None = None, limits: SandboxLimits = SandboxLimits(),
                   env: dict[str, str] | None = None, stdin: str | None = None, *, tools: tuple[str, ...] = (),
                   read_only_paths: tuple[str, ...] = ()) -> SandboxResult:
@@ -613,51 +703,22 @@ def run_sandboxed(argv: list[str], files: dict[str, str] | None = None, limits: 
     path_env = os.environ.get("PATH", "/usr/bin:/bin")
     toolchain = _toolchain_env()
     with contextlib.ExitStack() as stack:
-        pass_fds: list[int] = []
-        info_fd = None
         if mode == JAIL:
             visible = _tool_paths([argv[0], *tools], path_env) + list(toolchain.values()) + list(read_only_paths)
-            try:
-                command, info_fd = _jail_command(list(argv), files, limits, visible, pass_fds)
-            except BaseException:
-                for fd in pass_fds:
-                    os.close(fd)
-                raise
-            stack.callback(os.close, info_fd)
-            cwd, home, tmp = "/", WORK_DIR, "/tmp"
-            dropped = os.geteuid() == 0
+            launch = _jailed_launch(argv, files, limits, visible, stack)
         else:
-            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="fuselab-sandbox-"))
-            for name, text in files.items():
-                target = Path(work) / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text, encoding="utf-8")
-            command = [*_unjailed_prefix(), *argv]
-            cwd, home, tmp, dropped = work, work, work, False
-        child_env = {"PATH": path_env, "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-                     "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", **toolchain, **(env or {})}
-        # A fresh uid has no other task, so the limit is the run's own; otherwise it comes on top of ours.
-        nproc = limits.max_processes if dropped else _user_task_count() + limits.max_processes
-        stdin_file = None
-        if stdin is not None:
-            stdin_file = stack.enter_context(tempfile.TemporaryFile())
-            stdin_file.write(stdin.encode("utf-8"))
-            stdin_file.seek(0)
+            launch = _unjailed_launch(argv, files, stack)
+        child_env = {"PATH": path_env, "HOME": launch.home, "TMPDIR": launch.tmp, "LANG": "C.UTF-8",
+                     "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", **toolchain,
+                     **(env or {})}
+        stdin_file = _stdin_file(stdin, stack)
         cgroup = _Cgroup.create(limits)
         if cgroup is not None:
             stack.callback(cgroup.remove)
         start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                command, cwd=cwd, env=child_env, start_new_session=True, pass_fds=pass_fds,
-                stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_child(limits, nproc, cgroup))
-        finally:
-            # The child holds its own copies; ours (the info pipe's write end above all) must go for EOF.
-            for fd in pass_fds:
-                os.close(fd)
+        proc = _spawn(launch, child_env, limits, cgroup, stdin_file)
         meter = cgroup or _TreeMeter(proc.pid, limits.total_memory_mb * MB)
-        status, out, err = _supervise(proc, limits, meter, cgroup, info_fd, start)
+        status, out, err = _supervise(proc, limits, meter, cgroup, launch.info_fd, start)
         seconds = time.monotonic() - start
         peak_mb = meter.peak() / MB
     if status is None:
@@ -675,73 +736,100 @@ def _grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
-def _supervise(proc: subprocess.Popen, limits: SandboxLimits, meter, cgroup: _Cgroup | None,
-               info_fd: int | None, start: float) -> tuple[str | None, bytes, bytes]:
-    """Stream output (keeping at most the cap of each stream), enforce the timeout and the total memory, and
-    kill whatever is left at the end. Returns (status or None for a normal exit, stdout, stderr)."""
-    cap = limits.max_output_bytes
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    kept = {out_fd: bytearray(), err_fd: bytearray()}
-    info = bytearray()
-    selector = selectors.DefaultSelector()
-    for fd in kept:
-        _grow_pipe(fd)
-        selector.register(fd, selectors.EVENT_READ)
-    if info_fd is not None:
-        selector.register(info_fd, selectors.EVENT_READ)
+class _OutputReader:
+    """Reads the run's stdout and stderr (keeping at most `cap` bytes of each, dropping the rest) and bwrap's
+    info pipe, without blocking."""
 
-    def read(fd: int) -> None:
+    def __init__(self, proc: subprocess.Popen, cap: int, info_fd: int | None):
+        self.cap = cap
+        self.out_fd, self.err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+        self.kept = {self.out_fd: bytearray(), self.err_fd: bytearray()}
+        self.info_fd = info_fd
+        self.info = bytearray()
+        self.selector = selectors.DefaultSelector()
+        for fd in self.kept:
+            _grow_pipe(fd)
+            self.selector.register(fd, selectors.EVENT_READ)
+        if info_fd is not None:
+            self.selector.register(info_fd, selectors.EVENT_READ)
+
+    def open(self) -> bool:
+        return bool(self.selector.get_map())
+
+    def poll(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout=timeout):
+            self._read(key.fd)
+
+    def _read(self, fd: int) -> None:
         try:
             chunk = os.read(fd, 1 << 20)
         except OSError:
             chunk = b""
         if not chunk:
-            selector.unregister(fd)
-        elif fd == info_fd:
-            info.extend(chunk)
-        elif len(kept[fd]) < cap:
-            kept[fd].extend(chunk[: cap - len(kept[fd])])
+            self.selector.unregister(fd)
+        elif fd == self.info_fd:
+            self.info.extend(chunk)
+        elif len(self.kept[fd]) < self.cap:
+            self.kept[fd].extend(chunk[: self.cap - len(self.kept[fd])])
 
+    def namespace_init(self) -> int | None:
+        """The pid of the jail's PID-namespace init, from bwrap's info JSON; None when unknown."""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(bytes(self.info).split(b"}")[0] + b"}")["child-pid"])
+        return None
+
+    def drain(self, seconds: float) -> None:
+        """Read what is left in stdout and stderr (every writer is dead: EOF comes at once), then close."""
+        until = time.monotonic() + seconds
+        while any(fd in self.kept for fd in self.selector.get_map()) and time.monotonic() < until:
+            self.poll(0.1)
+        self.selector.close()
+
+    def output(self) -> tuple[bytes, bytes]:
+        return bytes(self.kept[self.out_fd]), bytes(self.kept[self.err_fd])
+
+
+def _watch(proc: subprocess.Popen, limits: SandboxLimits, meter, reader: _OutputReader,
+           start: float) -> str | None:
+    """Read output until the program exits (-> None), the timeout passes ("timeout") or the run's total memory
+    passes its limit ("memory")."""
     deadline = start + limits.timeout_s
     next_check = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return "timeout"
+        if now >= next_check:
+            meter.usage()
+            if meter.over_limit():
+                return "memory"
+            next_check = now + _POLL_S
+        if proc.poll() is not None:
+            return None
+        wait = min(_POLL_S, max(0.0, deadline - now))
+        if reader.open():
+            reader.poll(wait)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+
+
+def _supervise(proc: subprocess.Popen, limits: SandboxLimits, meter, cgroup: _Cgroup | None,
+               info_fd: int | None, start: float) -> tuple[str | None, bytes, bytes]:
+    """Stream output (keeping at most the cap of each stream), enforce the timeout and the total memory, and
+    kill whatever is left at the end. Returns (status or None for a normal exit, stdout, stderr)."""
+    reader = _OutputReader(proc, limits.max_output_bytes, info_fd)
     status = None
     try:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                status = "timeout"
-                break
-            if now >= next_check:
-                meter.usage()
-                if meter.over_limit():
-                    status = "memory"
-                    break
-                next_check = now + _POLL_S
-            if proc.poll() is not None:
-                break
-            wait = min(_POLL_S, max(0.0, deadline - now))
-            if selector.get_map():
-                for key, _ in selector.select(timeout=wait):
-                    read(key.fd)
-            else:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=wait)
+        status = _watch(proc, limits, meter, reader, start)
     finally:
-        ns_init = None
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            ns_init = int(json.loads(bytes(info).split(b"}")[0] + b"}")["child-pid"])
-        _kill_run(proc, cgroup, ns_init, meter)
-        # Every writer is dead now, so what is left in the pipes ends in EOF at once.
-        drain_until = time.monotonic() + 2.0
-        while any(fd in kept for fd in selector.get_map()) and time.monotonic() < drain_until:
-            for key, _ in selector.select(timeout=0.1):
-                read(key.fd)
-        selector.close()
+        _kill_run(proc, cgroup, reader.namespace_init(), meter)
+        reader.drain(2.0)
         proc.stdout.close()
         proc.stderr.close()
     if status is None and cgroup is not None and cgroup.over_limit():
         status = "memory"  # the kernel killed a task for memory and the run then ended
-    return status, bytes(kept[out_fd]), bytes(kept[err_fd])
+    return status, *reader.output()
 
 
 def _kill_run(proc: subprocess.Popen, cgroup: _Cgroup | None, ns_init: int | None, meter) -> None:
