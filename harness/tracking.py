@@ -5,7 +5,11 @@ breaks when a study worker opens a trial run, the pipeline opens its own runs be
 tracker (another store) lives in the same process (tests). Here every call names its run id.
 
 Store: the config's `tracking.uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<workdir>/mlflow.db` with
-artifacts under `<workdir>/mlartifacts`; `fuselab ui` (`ui_main`) serves the default store.
+artifacts under `<workdir>/mlartifacts`. On a tracking server (`http(s)://`, `databricks`) a new experiment takes
+the server's artifact root (`mlflow-artifacts:/...` when the server proxies artifacts), never a path of this
+machine. MLflow's own client variables (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN / _INSECURE_TLS /
+_SERVER_CERT_PATH, MLFLOW_HTTP_REQUEST_*) reach the server through `MlflowClient`. `fuselab ui` (`ui_main`)
+serves a store: the work dir's, or any database URI, as a server other machines can log to.
 
 While an experiment runs, `ExperimentRuns` streams to MLflow as stages finish: one child run per contestant
 (source, target, CLM-only, FuseLLM, ensemble, expert, merge) with its own params, created when its first
@@ -14,6 +18,7 @@ stage finishes, its training curve logged at every Trainer logging step, ended w
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import math
 import os
@@ -26,7 +31,9 @@ import tempfile
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -105,6 +112,26 @@ def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
+class TrackingError(RuntimeError):
+    """A tracking store or UI problem the user can fix (a busy port, a store that cannot be served); one line."""
+
+
+def is_server_uri(uri: str) -> bool:
+    """True for a tracking server (`http://`, `https://`, `databricks...`): it owns its artifact root."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    return scheme in ("http", "https") or scheme.startswith("databricks")
+
+
+def artifact_location(uri: str, workdir: Path) -> str | None:
+    """Where a new experiment of store `uri` keeps its artifacts: None on a tracking server (the server's
+    default artifact root: `mlflow-artifacts:/<experiment id>` when it runs with `--serve-artifacts`, so
+    artifacts travel to it over HTTP and every machine sees them); `file://<workdir>/mlartifacts` for a store
+    this machine opens itself (SQLite, a file store, a database URL)."""
+    if is_server_uri(uri):
+        return None
+    return (Path(workdir).expanduser().resolve() / "mlartifacts").as_uri()
+
+
 def default_tracking_uri(workdir: Path) -> str:
     """`sqlite:///<absolute workdir>/mlflow.db` (the directory is created)."""
     workdir = Path(workdir).expanduser().resolve()
@@ -167,13 +194,13 @@ class Tracker:
     """Logs to one MLflow experiment of one tracking store.
 
     `uri`: any MLflow tracking URI (`None` -> `resolve_tracking_uri`); `experiment`: created on
-    first use with its artifacts under `<workdir>/mlartifacts`; `workdir`: scratch space for artifacts.
+    first use with its artifacts at `artifact_location` (the server's root on a server, else
+    `<workdir>/mlartifacts`); `workdir`: scratch space for artifacts.
     Runs opened with `run()` form a stack: `log_*` calls go to the innermost open run unless `run_id` is
     given.
     """
 
     def __init__(self, uri: str | None, experiment: str, workdir: Path):
-        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.workdir = Path(workdir).expanduser().resolve()
@@ -187,28 +214,45 @@ class Tracker:
         with file_lock(_lock_for(self.uri, self.workdir)):
             # The client migrates a new SQLite schema on creation; two workers doing it at once collide.
             self.client = MlflowClient(tracking_uri=self.uri)
-            exp = self.client.get_experiment_by_name(self.experiment_name)
-            if exp is None:
-                try:
-                    self.experiment_id = self.client.create_experiment(
-                        self.experiment_name, artifact_location=(self.workdir / "mlartifacts").as_uri()
-                    )
-                except MlflowException:  # another host created it between our two calls
-                    self.experiment_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
-            else:
-                if exp.lifecycle_stage == "deleted":
-                    raise ValueError(
-                        f"MLflow experiment {self.experiment_name!r} in {self.uri} is deleted; restore it "
-                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use another name"
-                    )
-                self.experiment_id = exp.experiment_id
-            if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
-                # Without it MLflow 3's UI opens a GenAI trace dashboard instead of the runs table.
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+            self.experiment_id = self._open_experiment()
         with contextlib.suppress(Exception):  # bookkeeping of earlier runs never stops this one
             self.close_dead_runs()
 
+    def _open_experiment(self) -> str:
+        """The id of experiment `experiment_name`, created when missing (artifacts: `artifact_location`)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            try:
+                exp_id = self.client.create_experiment(
+                    self.experiment_name, artifact_location=artifact_location(self.uri, self.workdir))
+            except MlflowException:  # another host created it between our two calls
+                exp_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
+        else:
+            if exp.lifecycle_stage == "deleted":
+                raise ValueError(
+                    f"MLflow experiment {self.experiment_name!r} in {self.uri} is deleted; restore it "
+                    f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use another name"
+                )
+            exp_id = exp.experiment_id
+            if is_server_uri(self.uri) and exp.artifact_location.startswith("file:"):
+                warnings.warn(f"MLflow experiment {self.experiment_name!r} on {self.uri} keeps its artifacts at "
+                              f"{exp.artifact_location}, a path of one client machine (created by an older "
+                              "FuseLab): other machines never see them; set tracking.experiment to a new name "
+                              "to get the server's artifact root", stacklevel=3)
+        if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+            # Without it MLflow 3's UI opens a GenAI trace dashboard instead of the runs table.
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        return exp_id
+
     # -- runs -------------------------------------------------------------------------------------
+    enabled = True  # a NullTracker's is False
+
+    def run_status(self, run_id: str) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(run_id).info.status
+
     @property
     def active_run_id(self) -> str | None:
         return self._stack[-1] if self._stack else None
@@ -424,6 +468,36 @@ class Tracker:
         return chosen
 
 
+class NullTracker:
+    """`Tracker`'s interface with no store (`fuselab study --no-track`): runs get the id "" and nothing is
+    logged. `enabled` is False (a `Tracker`'s is True), so callers can skip work that only feeds tracking."""
+
+    enabled = False
+    uri = None
+    active_run_id = None
+
+    @contextmanager
+    def run(self, name: str, **_):
+        from types import SimpleNamespace
+
+        yield SimpleNamespace(info=SimpleNamespace(run_id=""))
+
+    def start_run(self, name: str, **_) -> str:
+        return ""
+
+    def ensure_run(self, name: str, tags: dict[str, str], **_) -> str:
+        return ""
+
+    def run_status(self, run_id: str) -> str:
+        return "RUNNING"  # never ended: whoever closes a study does so once, under its lock
+
+    def _ignore(self, *args, **kwargs) -> None:
+        return None
+
+    end_run = set_tags = log_params = log_metrics = log_curve = _ignore
+    log_artifact = log_text = log_table = log_config = _ignore
+
+
 class ExperimentRuns:
     """The MLflow runs of one executing experiment: its (open) parent run and one child run per contestant.
 
@@ -569,11 +643,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when a process listens on `host:port` (a socket bound the way servers bind, with SO_REUSEADDR, is
+    refused). Raises TrackingError naming the address when it cannot be bound for another reason."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise TrackingError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return False
+
+
 def ui_command(uri: str, host: str, port: int, artifacts: Path) -> list[str]:
+    """`mlflow server` on store `uri`, proxying artifacts to the folder `artifacts` (so clients on other
+    machines log artifacts through it: `mlflow-artifacts:/`)."""
     return [
-        sys.executable, "-m", "mlflow", "ui",
+        sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", uri,
-        "--artifacts-destination", str(artifacts),
+        "--serve-artifacts", "--artifacts-destination", str(artifacts),
         "--host", host, "--port", str(port),
         "--workers", "1",
     ]
@@ -581,35 +672,37 @@ def ui_command(uri: str, host: str, port: int, artifacts: Path) -> list[str]:
 
 def ui_main(workdir: Path, host: str = "127.0.0.1", port: int = 5000, block: bool = True,
             uri: str | None = None, timeout_s: float = 180.0) -> subprocess.Popen:
-    """Start the MLflow UI on the work dir's store and wait until it answers `/health`.
+    """Start the MLflow UI (a tracking server) on store `uri` (default: `resolve_tracking_uri`: the
+    MLFLOW_TRACKING_URI store, else the work dir's) and wait until it answers `/health`.
 
-    Runs `mlflow ui ... --workers 1` with `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false` (with the defaults
-    MLflow 3.17 took ~52 s to serve and left 7 job processes behind). The server gets its own process
-    group so `stop_ui` ends all of it. `block=True`: serve until Ctrl-C, then stop. Returns the process
-    (already ended when `block`). Raises RuntimeError with the server's output if it exits or does not
-    answer within `timeout_s` seconds.
+    Artifacts of experiments created through it go to `<workdir>/mlartifacts`, served to clients.
+    Runs `mlflow server ... --workers 1` with `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false` (with the defaults
+    MLflow 3.17 took ~52 s to serve and left 7 job processes behind); its own process group so `stop_ui` ends
+    all of it; its output appended to `<workdir>/mlflow-ui-<port>.log`. `block=True`: serve until Ctrl-C, then
+    stop. Returns the process (already ended when `block`). Raises TrackingError when `uri` is a server
+    (it serves its own UI), when `port` is taken (before anything starts or is written), when the server exits
+    or does not answer within `timeout_s` seconds.
     """
     workdir = Path(workdir).expanduser().resolve()
-    uri = uri or default_tracking_uri(workdir)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log_path = workdir / "mlflow-ui.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(ui_command(uri, host, port, workdir / "mlartifacts"), env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
+    uri = resolve_tracking_uri(uri, workdir)
+    if is_server_uri(uri):
+        raise TrackingError(f"{uri} is a tracking server: its UI is served there already (open it in a browser)")
+    if port_in_use(host, port):
+        raise TrackingError(f"port {port} on {host} is in use (another MLflow UI or server?): pass a free port, "
+                            f"e.g. --port {free_port(host)}")
+    log_path = workdir / f"mlflow-ui-{port}.log"
+    with open(log_path, "ab") as log:
+        log.write(f"--- fuselab ui {time.strftime('%Y-%m-%d %H:%M:%S')}: store {uri}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(ui_command(uri, host, port, workdir / "mlartifacts"), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     url = f"http://{host}:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`mlflow ui` exited with code {proc.returncode} before serving {url} "
-                               f"(is port {port} in use? pass another port); its output:\n{_tail(log_path)}")
-        if _answers(f"{url}/health"):
-            break
-        if time.monotonic() > deadline:
-            stop_ui(proc)
-            raise RuntimeError(f"`mlflow ui` did not answer at {url} within {timeout_s:.0f} s; its output:\n"
-                               f"{_tail(log_path)}")
-        time.sleep(0.5)
+    try:
+        _wait_until_serving(proc, url, log_path, timeout_s)
+    except BaseException:  # Ctrl-C while it starts: its own session does not get the signal
+        stop_ui(proc)
+        raise
     print(f"MLflow UI on {url} (store {uri}; log {log_path}); Ctrl-C to stop", flush=True)
     if block:
         try:
@@ -619,6 +712,21 @@ def ui_main(workdir: Path, host: str = "127.0.0.1", port: int = 5000, block: boo
         finally:
             stop_ui(proc)
     return proc
+
+
+def _wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+    """Return once `url/health` answers; TrackingError (naming the log) if `proc` exits or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not _answers(f"{url}/health"):
+        if proc.poll() is not None:
+            raise TrackingError(f"the MLflow server exited with code {proc.returncode} before serving {url}: "
+                                f"see {log_path} ({_last_line(log_path)})")
+        if time.monotonic() > deadline:
+            raise TrackingError(f"the MLflow server did not answer at {url} within {timeout_s:.0f} s: see {log_path}")
+        time.sleep(0.5)
+    if proc.poll() is not None:  # what answered is another process that took the port meanwhile
+        raise TrackingError(f"the MLflow server exited with code {proc.returncode}; {url} is served by another "
+                            f"process: see {log_path}")
 
 
 def stop_ui(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
@@ -644,8 +752,10 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _tail(path: Path, n: int = 3000) -> str:
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log (the error a server died with)."""
     try:
-        return path.read_text(errors="replace")[-n:]
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
-        return "(no output)"
+        lines = []
+    return lines[-1][:300] if lines else "no output"

@@ -69,7 +69,7 @@ def ablation_table(study, metrics: Iterable[str] | None = None) -> pd.DataFrame:
     other `metrics` (default: every `fusellm/*` metric all runs share)."""
     df = study_runs(study)
     if not len(df):
-        raise ValueError(f"study {study.study_name!r} has no complete trial yet; nothing to tabulate")
+        raise ReportError(f"study {study.study_name!r} has no complete trial yet; nothing to tabulate")
     params = study.user_attrs.get(ATTR_SEARCH_SPACE) or [
         c for c in df.columns if c not in ("trial", "seed") and not _is_metric(c)]
     metrics = _ablation_metrics(study, df, params, metrics)
@@ -347,6 +347,10 @@ def write_study_report(study, out_dir: Path, *, tracker=None, run_id: str | None
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+class ReportError(ValueError):
+    """Nothing to report for the target asked for (unknown, or no finished run / complete trial yet)."""
+
+
 def report_main(target: str, workdir: Path, out: Path | None = None, *, tracking_uri: str | None = None,
                 storage: str | None = None) -> Path:
     """`fuselab report TARGET`: TARGET is an MLflow run id (experiment or study run), an MLflow experiment
@@ -405,13 +409,13 @@ def report_main(target: str, workdir: Path, out: Path | None = None, *, tracking
             t = studies[0].data.tags
             return study_report(t[TAG_STUDY], t.get("fuselab.storage", default_storage), studies[0].info.run_id,
                                 exp.name)
-        raise ValueError(f"MLflow experiment {target!r} in {uri} has no finished experiment run and no study run")
+        raise ReportError(f"MLflow experiment {target!r} in {uri} has no finished experiment run and no study run")
     # 4. a study name in the default storage
     if sqlite_exists(default_storage):
         names = [s.study_name for s in optuna.get_all_study_summaries(default_storage, include_best_trial=False)]
         if str(target) in names:
             return study_report(str(target), default_storage, None, None)
-    raise ValueError(f"fuselab report {target!r}: not a study spec file, not a run id in {uri}, not an MLflow "
+    raise ReportError(f"fuselab report {target!r}: not a study spec file, not a run id in {uri}, not an MLflow "
                      f"experiment name, not a study in {default_storage}; list runs with `fuselab ui` or pass "
                      "--workdir of the run")
 

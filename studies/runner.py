@@ -41,6 +41,7 @@ from harness.config import ConfigError, ExperimentConfig
 from harness.tracking import (
     TAG_ROLE,
     TAG_STUDY,
+    NullTracker,
     Tracker,
     file_lock,
     sqlite_path,
@@ -141,6 +142,8 @@ def run_pipeline(cfg: ExperimentConfig, *, tracker: Tracker, parent_run_id: str,
     `harness.pipeline.run_experiment`'s ("stages": one line per stage)."""
     from harness.pipeline import run_experiment
 
+    if not tracker.enabled:  # --no-track
+        return run_experiment(cfg, progress=progress, track=False)
     return run_experiment(cfg, tracker=tracker, parent_run_id=parent_run_id, progress=progress)
 
 
@@ -395,7 +398,7 @@ def study_finished(spec: StudySpec, study: optuna.Study) -> bool:
 def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = (), n_trials: int | None = None,
               storage: str | None = None, worker_id: str | None = None, *,
               objective_fn: ObjectiveFn | None = None, progress: bool | str = True, wait_for_others: bool = True,
-              report: bool = True) -> optuna.Study:
+              report: bool = True, track: bool = True) -> optuna.Study:
     """Run (or join, or resume) the study of `spec_path`; returns the Optuna study.
 
     `overrides`: experiment overrides applied after the spec's (`training.max_steps=5`); `study.<field>=v`
@@ -408,6 +411,8 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     the parent MLflow run is ended FINISHED and (`report`) the ablation report is logged to it.
     `progress`: True prints each trial's start, its score with the running best, one line per pipeline stage
     and a closing `study_summary`; "trials" the same without the stage lines; False nothing.
+    `track=False` (`fuselab study --no-track`): nothing goes to MLflow (a `NullTracker`); trials, their metrics
+    and the report are still in the Optuna storage and the work dir.
     """
     spec = load_spec(spec_path, overrides)
     if storage:
@@ -416,7 +421,7 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = spec.base_config()
     workdir = spec.workdir()
-    tracker = Tracker(base.tracking.uri, spec.experiment_name(), workdir)
+    tracker = Tracker(base.tracking.uri, spec.experiment_name(), workdir) if track else NullTracker()
     url = spec.storage_url()
     study_storage = make_storage(spec, url, tracker)
     study = open_study(spec, study_storage, worker_id, progress)
@@ -449,7 +454,7 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     if study_finished(spec, study):
         # Every worker that sees the end gets here; the lock and the status check make one of them close.
         with file_lock(workdir / f".study-{spec.study_name}.lock"):
-            if tracker.client.get_run(parent).info.status == "RUNNING":
+            if tracker.run_status(parent) == "RUNNING":
                 _close_study_run(spec, study, tracker, parent, report, workdir)
     if progress:
         print(study_summary(spec, study, objective.started), flush=True)
@@ -494,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-id", default=None)
     ap.add_argument("--objective", default=None, help=argparse.SUPPRESS)  # module:function, for tests
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     args = ap.parse_args(argv)
     run_study(args.spec, args.override, n_trials=args.n_trials, storage=args.storage, worker_id=args.worker_id,
               objective_fn=load_objective(args.objective) if args.objective else None,
-              progress="trials" if args.quiet else True)
+              progress="trials" if args.quiet else True, track=not args.no_track)
     return 0
 
 
