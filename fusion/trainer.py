@@ -361,7 +361,8 @@ def _value_problem(value, annotation) -> str | None:
     for enum_type in (o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)):
         choices = [e.value for e in enum_type]
         if value not in choices:
-            return f"{value!r} is not one of {', '.join(map(str, choices))}"
+            quote = " (YAML reads no / yes as booleans: quote it)" if isinstance(value, bool) else ""
+            return f"{value!r} is not one of {', '.join(map(str, choices))}{quote}"
         return None
     plain = [o for o in options if o in (bool, int, float, str)]
     if not plain or len(plain) != len([o for o in options if o is not type(None)]):

@@ -57,6 +57,8 @@ def test_without_extra_args_fuselab_defaults_and_unchanged_cache_keys(tmp_path):
     ("{output_dir: /tmp/x}",
      "output_dir: controlled by FuseLab, not settable in extra_args (it is the stage's cache folder)"),
     ("{save_strategy: sometimes}", "save_strategy: 'sometimes' is not one of no, steps, epoch, best"),
+    ("{save_strategy: no}",
+     "save_strategy: False is not one of no, steps, epoch, best (YAML reads no / yes as booleans: quote it)"),
     ("{adam_beta2: high}", "adam_beta2: 'high' is not a float"),
     ("{disable_tqdm: 1}", "disable_tqdm: 1 is not a bool"),
     ("{report_to: [nosuchtracker]}", "report_to: nosuchtracker is unknown to transformers or not installed here"),
