@@ -95,51 +95,73 @@ def extract_distributions_sharded(model_spec, texts: list[str], doc_ids: list[in
     ranks: tokens and flops add up, seconds is the slowest rank's forward time). Each rank's stats.json under
     work_dir/shards/ records the device it ran on.
     """
-    from fusion.distributions import ExtractionStats
     from harness.config import ModelSpec
     from harness.models import resolve
+
+    _check_request(texts, doc_ids, nproc, device)
+    spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec(ref=str(model_spec))
+    resolved = resolve(spec, cache_dir=Path(cache_dir) if cache_dir else None)
+    local_spec = spec.model_copy(update={"ref": resolved, "name": spec.label})
+    work = Path(work_dir)
+    threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
+    job_path = _write_job(work, texts, doc_ids, {
+        "model": local_spec.model_dump(mode="json"), "k": k, "batch_size": batch_size, "max_length": max_length,
+        "store_dtype": store_dtype, "threads": threads, "progress": progress, "device": device, "dtype": dtype,
+        "attn_implementation": attn_implementation})
+    _run_ranks(job_path, nproc, threads, timeout_s, spec.label)
+    return _collect_shards(work, nproc, doc_ids)
+
+
+def _check_request(texts: list[str], doc_ids: list[int], nproc: int, device: str) -> None:
+    from harness.runtime import device_count, resolve_device
 
     if len(texts) != len(doc_ids):
         raise ValueError(f"texts ({len(texts)}) and doc_ids ({len(doc_ids)}) must have the same length")
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
-    from harness.runtime import device_count, resolve_device
-
     resolve_device(device)  # a missing GPU fails here, naming runtime.device, not in every rank
     if device in ("cuda", "auto") and device_count() and nproc > device_count():
         raise ValueError(f"nproc={nproc} ranks on cuda:LOCAL_RANK need {nproc} GPUs, torch sees {device_count()}; "
                          f"use nproc <= {device_count()} (runtime.extraction_nproc / --nproc)")
-    spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec(ref=str(model_spec))
-    resolved = resolve(spec, cache_dir=Path(cache_dir) if cache_dir else None)
-    local_spec = spec.model_copy(update={"ref": resolved, "name": spec.label})
-    work = Path(work_dir)
+
+
+def _write_job(work: Path, texts: list[str], doc_ids: list[int], settings: dict) -> Path:
+    """A fresh `work` folder holding documents.jsonl and job.json (`settings` plus the paths); -> job.json."""
     if work.exists():
         shutil.rmtree(work)
     (work / "shards").mkdir(parents=True)
     with open(work / "documents.jsonl", "w", encoding="utf-8") as fh:
         for doc_id, text in zip(doc_ids, texts):
             fh.write(json.dumps({"doc_id": int(doc_id), "text": text}) + "\n")
-    threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
-    job = {"model": local_spec.model_dump(mode="json"), "documents": str(work / "documents.jsonl"),
-           "out": str(work / "shards"), "k": k, "batch_size": batch_size, "max_length": max_length,
-           "store_dtype": store_dtype, "threads": threads, "progress": progress, "device": device,
-           "dtype": dtype, "attn_implementation": attn_implementation}
+    job = {**settings, "documents": str(work / "documents.jsonl"), "out": str(work / "shards")}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
-    logs = work / "logs"
+    return job_path
+
+
+def _run_ranks(job_path: Path, nproc: int, threads: int, timeout_s: float | None, label: str) -> None:
+    """torchrun `nproc` workers on the job; per-rank logs under <work>/logs."""
+    logs = job_path.parent / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--log-dir", str(logs), "--redirects", "3", "-m", "harness.sharded", str(job_path)]
-    env = _worker_env(threads)
-    proc = subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, env=_worker_env(threads), cwd=str(REPO_ROOT), capture_output=True, text=True,
+                          timeout=timeout_s)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-3000:]
         raise ShardedExtractionError(
-            f"sharded extraction of {spec.label} with {nproc} processes failed (exit {proc.returncode}); "
+            f"sharded extraction of {label} with {nproc} processes failed (exit {proc.returncode}); "
             f"per-rank logs under {logs}; last output:\n{tail}")
+
+
+def _collect_shards(work: Path, nproc: int, doc_ids: list[int]):
+    """(merged dataset, ExtractionStats summed over the ranks) from the shards under <work>/shards."""
+    from fusion.distributions import ExtractionStats
+
     shard_dirs = [work / "shards" / f"rank-{r:05d}" for r in range(nproc)]
     absent = [str(p) for p in shard_dirs if not (p / "stats.json").is_file()]
     if absent:
-        raise ShardedExtractionError(f"ranks finished but shards are missing: {absent}; see logs under {logs}")
+        raise ShardedExtractionError(f"ranks finished but shards are missing: {absent}; see logs under "
+                                     f"{work / 'logs'}")
     merged = merge_shards([p / "dataset" for p in shard_dirs], expected_doc_ids=list(doc_ids))
     per_rank = [json.loads((p / "stats.json").read_text()) for p in shard_dirs]
     tokens = sum(s["tokens"] for s in per_rank)
