@@ -162,19 +162,10 @@ def heldout_bits_per_byte(model, tokenizer, texts: list[str], seq_len: int, batc
     return total_nats / (math.log(2) * n_bytes)
 
 
-def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Path, out_dir: Path,
-                 progress: bool = True) -> dict:
-    """Train `spec`'s tokenizer and model on its training mix and save both to `out_dir` (an HF folder).
-
-    Runs single-threaded with deterministic algorithms, so the same seed gives identical weights.
-    Returns ``{"name", "train_tokens", "seconds", "final_loss", "validation_bpb": {domain: bits/byte}}``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    t0 = time.perf_counter()
+def _seed_everything(model_seed: int) -> None:
+    """One thread, deterministic algorithms, and Python's, torch's (and numpy's) RNGs seeded with `model_seed`."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    model_seed = zlib.crc32(f"{seed}:{spec.name}".encode())
     random.seed(model_seed)
     torch.manual_seed(model_seed)
     try:
@@ -184,17 +175,9 @@ def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Pat
     except ImportError:  # numpy is not needed here; seeded only for code that might use it
         pass
 
-    train_rows = read_jsonl(corpus_dir / "train.jsonl")
-    mix = training_mix(spec, train_rows, seed, sizes.own_fraction)
-    tokenizer = train_tokenizer(spec.tokenizer_kind, spec.vocab_size, mix, model_max_length=sizes.seq_len)
-    blocks = _token_blocks(tokenizer, mix, sizes.seq_len)
-    if len(blocks) < sizes.batch:
-        raise ValueError(f"source {spec.name!r}: only {len(blocks)} blocks of {sizes.seq_len} tokens for batch "
-                         f"{sizes.batch}; enlarge the corpus or shrink the batch")
 
-    steps = sizes.steps_of(spec.name)
-    model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer, sizes.seq_len))
-    model.train()
+def _optimizer(model, sizes: TrainSizes, steps: int):
+    """AdamW (weight decay on matrices only) and its schedule: linear warmup, then cosine down to 0.1 x lr."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": sizes.weight_decay},
@@ -206,7 +189,14 @@ def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Pat
         progress_frac = (step - sizes.warmup_steps) / max(1, steps - sizes.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _train_steps(model, blocks: torch.Tensor, sizes: TrainSizes, steps: int, model_seed: int, name: str,
+                 progress: bool, t0: float) -> float:
+    """`steps` optimizer steps on batches of `blocks` [n_blocks, seq_len] drawn in seeded random epochs;
+    -> the last step's loss (nats per token)."""
+    optimizer, scheduler = _optimizer(model, sizes, steps)
     generator = torch.Generator().manual_seed(model_seed)
     order = torch.randperm(len(blocks), generator=generator)
     cursor = 0
@@ -225,15 +215,46 @@ def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Pat
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.detach().item()
         if progress and (step + 1) % 20 == 0:
-            print(f"[micro] {spec.name}: step {step + 1}/{steps} loss {loss_value:.3f} "
+            print(f"[micro] {name}: step {step + 1}/{steps} loss {loss_value:.3f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return loss_value
 
-    model.eval()
+
+def _validation_bpb(model, tokenizer, corpus_dir: Path, seq_len: int) -> dict[str, float]:
+    """{domain: held-out bits per byte} on the corpus's validation split."""
     validation_rows = read_jsonl(corpus_dir / "validation.jsonl")
-    bpb = {domain: heldout_bits_per_byte(model, tokenizer,
-                                         [r["text"] for r in validation_rows if r["domain"] == domain],
-                                         sizes.seq_len)
-           for domain in DOMAINS}
+    return {domain: heldout_bits_per_byte(model, tokenizer,
+                                          [r["text"] for r in validation_rows if r["domain"] == domain], seq_len)
+            for domain in DOMAINS}
+
+
+def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Path, out_dir: Path,
+                 progress: bool = True) -> dict:
+    """Train `spec`'s tokenizer and model on its training mix and save both to `out_dir` (an HF folder).
+
+    Runs single-threaded with deterministic algorithms, so the same seed gives identical weights.
+    Returns ``{"name", "train_tokens", "seconds", "final_loss", "validation_bpb": {domain: bits/byte}}``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model_seed = zlib.crc32(f"{seed}:{spec.name}".encode())
+    _seed_everything(model_seed)
+
+    train_rows = read_jsonl(corpus_dir / "train.jsonl")
+    mix = training_mix(spec, train_rows, seed, sizes.own_fraction)
+    tokenizer = train_tokenizer(spec.tokenizer_kind, spec.vocab_size, mix, model_max_length=sizes.seq_len)
+    blocks = _token_blocks(tokenizer, mix, sizes.seq_len)
+    if len(blocks) < sizes.batch:
+        raise ValueError(f"source {spec.name!r}: only {len(blocks)} blocks of {sizes.seq_len} tokens for batch "
+                         f"{sizes.batch}; enlarge the corpus or shrink the batch")
+
+    steps = sizes.steps_of(spec.name)
+    model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer, sizes.seq_len))
+    model.train()
+    loss_value = _train_steps(model, blocks, sizes, steps, model_seed, spec.name, progress, t0)
+    model.eval()
+    bpb = _validation_bpb(model, tokenizer, corpus_dir, sizes.seq_len)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
