@@ -24,16 +24,17 @@ def _config(args):
 
 
 def cmd_plan(args) -> int:
-    from harness.config import load_config
     from harness.corpus import corpus_problems
     from harness.estimate import estimate, format_estimate, resolve_hardware
     from harness.pipeline import build_plan, check_models
 
-    cfg = load_config(args.config, args.overrides, check_paths=False)  # a plan needs no data: absent is a problem
+    cfg, study = _plan_config(args)
     plan = build_plan(cfg)
     problems = check_models(cfg, plan.hashes)
     table = plan.table()
     est = estimate(cfg, hardware=args.hardware or resolve_hardware())
+    if study:
+        print(study)
     print(f"experiment {cfg.name} ({cfg.content_hash()}); cache {plan.cache.root}")
     print(_fusion_switches(cfg.fusion))
     import pandas as pd
@@ -47,6 +48,23 @@ def cmd_plan(args) -> int:
     for line in [*corpus_problems(cfg.corpus), *check_evaluation(cfg), *problems]:  # `run` stops at these
         print(f"fuselab: problem: {line}", file=sys.stderr)
     return 0
+
+
+def _plan_config(args):
+    """(config, note) for `fuselab plan`, never reading data (absent files are problems, not errors): an experiment
+    YAML as it is, or for a study spec its base with the spec's overrides (one trial) and a line saying so."""
+    from harness.config import load_config, read_yaml
+
+    data = read_yaml(Path(args.config))
+    if not (isinstance(data, dict) and "search_space" in data):
+        return load_config(args.config, args.overrides, check_paths=False), None
+    from studies.spec import load_spec
+
+    spec = load_spec(args.config, args.overrides, check=False)
+    trials = len(spec.grid()) if spec.sampler == "grid" else spec.n_trials
+    return spec.base_config(), (f"study {spec.study_name}: {trials} trials ({spec.sampler} over "
+                                f"{', '.join(spec.search_space)}; seeds {spec.seeds}); below: one trial, the base "
+                                f"{spec.base_path.name} with the spec's overrides")
 
 
 def _hardware(profile: str):

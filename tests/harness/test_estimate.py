@@ -198,3 +198,15 @@ def test_local_datasets_files_are_measured(tiny_llama_dir, tmp_path):
     })
     # 4000 bytes x 0.9 (JSON keys and quoting) / 4 bytes per token = 900, x 0.9 train split = 810
     assert estimate(cfg, hardware=SLOW_CPU)["fused"]["tokens"] == 810
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "studies").glob("*.yaml")))
+def test_fuselab_plan_works_offline_for_every_shipped_config(config, tmp_path, monkeypatch, capsys):
+    """Experiment configs and study specs (planned as one trial of their base) alike, data or not."""
+    monkeypatch.setenv("FUSELAB_WORKDIR", str(tmp_path))
+    assert main(["plan", str(REPO / "studies" / config), "--hardware", "h100x4"]) == 0
+    out = capsys.readouterr().out
+    estimates = out[out.index("\nestimates:"):]
+    assert "train/fusellm" in estimates and "on 4 x NVIDIA H100 SXM" in estimates and "nan" not in estimates.lower()
+    if config.startswith("micro_") and config != "micro_quickstart.yaml":
+        assert out.startswith(f"study {config.removesuffix('.yaml')}: ")
