@@ -141,6 +141,13 @@ def _cpu(source: str) -> Hardware:
                     source=f"{source}; peak = fp32 matmul measured now")
 
 
+def gpu_hardware(device_name: str, count: int, source: str = "detected") -> Hardware | None:
+    """`count` GPUs called `device_name` (as torch.cuda.get_device_name says, e.g. "NVIDIA A100-SXM4-80GB"), the
+    peak from GPU_PEAKS by the first key the name contains; None when no key matches."""
+    key = next((k for k in GPU_PEAKS if k in device_name.lower()), None)
+    return Hardware(device_name, GPU_PEAKS[key][1], GPU_UTILISATION, count, source) if key else None
+
+
 def detect_hardware() -> Hardware:
     """The machine this runs on: its CUDA GPUs (all visible ones, the peak from GPU_PEAKS by name, else
     measured), or the CPU when no GPU is visible."""
@@ -149,11 +156,8 @@ def detect_hardware() -> Hardware:
     if not torch.cuda.is_available():
         return _cpu(source="detected: no CUDA GPU visible")
     count, name = torch.cuda.device_count(), torch.cuda.get_device_name(0)
-    key = next((k for k in GPU_PEAKS if k in name.lower()), None)
-    if key is not None:
-        return Hardware(name, GPU_PEAKS[key][1], GPU_UTILISATION, count, source="detected")
-    return Hardware(name, measure_matmul_flops("cuda:0"), GPU_UTILISATION, count,
-                    source="detected; peak = bf16 matmul measured now (not in GPU_PEAKS)")
+    return gpu_hardware(name, count) or Hardware(name, measure_matmul_flops("cuda:0"), GPU_UTILISATION, count,
+                                                 source="detected; peak = bf16 matmul measured now (not in GPU_PEAKS)")
 
 
 def resolve_hardware(profile: str | None = None) -> Hardware:

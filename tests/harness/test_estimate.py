@@ -10,8 +10,8 @@ import pytest
 
 from harness.cli import main
 from harness.config import load_config, validate_config
-from harness.estimate import (Hardware, detect_hardware, estimate, format_estimate, hardware_profile, micro_params,
-                              model_params, params_from_config)
+from harness.estimate import (Hardware, detect_hardware, estimate, format_estimate, gpu_hardware, hardware_profile,
+                              micro_params, model_params, params_from_config)
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "studies" / "paper_llama2_openllama_mpt_7b.yaml"
@@ -122,6 +122,20 @@ def test_hardware_profiles_and_detection():
     here = detect_hardware()  # this test machine: no GPU
     assert here.name.startswith("CPU with ") and here.peak_flops > 0 and here.devices == 1
     assert here.source.startswith("detected: no CUDA GPU visible")
+
+
+@pytest.mark.parametrize("device_name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 125e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("Tesla T4", 65e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla V100-SXM2-16GB", 125e12),
+])
+def test_detected_gpus_by_their_cuda_names(device_name, peak):
+    hw = gpu_hardware(device_name, 2)
+    assert (hw.name, hw.peak_flops, hw.devices, hw.source) == (device_name, peak, 2, "detected")
+
+
+def test_an_unknown_gpu_is_not_guessed():
+    assert gpu_hardware("Some Future GPU", 1) is None  # detect_hardware then measures its matmul peak
 
 
 def test_hardware_and_token_overrides(paper_cfg):
