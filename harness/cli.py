@@ -392,6 +392,19 @@ def is_expected(exc: BaseException) -> bool:
     return False
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`build_parser()`'s arguments, with overrides also accepted after options (`run exp.yaml --quiet
+    fusion.lam=0.8`: argparse alone takes positionals only before them)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [t for t in extra if t.startswith("-") or "=" not in t or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `fuselab` command; returns its exit status (0 ok, 1 `verify` found corruption, 2 an expected
     error or bad arguments, 130 Ctrl-C, 128 + N signal N)."""
@@ -400,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.evaluation.lm_eval_cli import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
         return _dispatch(args)

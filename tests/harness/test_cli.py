@@ -65,6 +65,15 @@ def test_study_takes_quiet_and_no_track_like_run():
     assert (args.quiet, args.no_track) == (False, False)
 
 
+def test_overrides_may_follow_options():
+    args = cli.parse_args(["run", "exp.yaml", "fusion.lam=0.8", "--quiet", "training.max_steps=5", "--no-track"])
+    assert (args.config, args.overrides, args.quiet, args.no_track) == (
+        "exp.yaml", ["fusion.lam=0.8", "training.max_steps=5"], True, True)
+    with pytest.raises(SystemExit) as exc:  # a word that is no override stays an error
+        cli.parse_args(["run", "exp.yaml", "--quiet", "oops"])
+    assert exc.value.code == 2
+
+
 def test_config_show_prints_the_resolved_config_and_its_hash(capsys, tmp_path):
     assert main(["config", "show", str(QUICKSTART), "fusion.lam=0.8", "training.max_steps=7"]) == 0
     out = capsys.readouterr().out
@@ -261,3 +270,44 @@ def test_every_environment_variable_the_code_reads_is_documented():
     section = doc[doc.index("## Environment variables"):]
     missing = sorted(n for n in names if f"`{n}`" not in section)
     assert missing == [], f"read by the code but not in docs/CONFIG.md's environment variables: {missing}"
+
+
+@pytest.mark.slow
+def test_fuselab_study_quiet_no_track_runs_a_real_trial_without_mlflow(tmp_path, micro_world, capsys):
+    spec = tmp_path / "nt.yaml"
+    spec.write_text(yaml.safe_dump({
+        "study_name": "nt", "base": str(QUICKSTART), "seeds": [0],
+        "search_space": {"fusion.fusion": {"type": "categorical", "choices": ["mince", "avgce"]}},
+        "objective": {"metric": "fusellm/micro", "direction": "maximize"}}))
+    wd = tmp_path / "wd"
+    small = ["corpus.max_docs_per_domain=10", "training.max_steps=4", "training.per_device_batch_size=4",
+             "baselines.clm=false", "baselines.ensemble.enabled=false", "baselines.domain_pool.enabled=false",
+             "baselines.merges=[]", "evaluation.settings.limit=6", "evaluation.settings.max_gen_toks=8",
+             "evaluation.perplexity.max_docs_per_domain=3"]
+    assert main(["study", str(spec), f"workdir={wd}", *small, "--n-trials", "1", "--quiet", "--no-track"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["[nt] queued 2 grid points", "[nt] trial 0: fusion.fusion=mince, seeds [0]"]
+    assert out.splitlines()[2].startswith("[nt] trial 0: fusellm/micro = ")
+    assert "[run]" not in out and "[cached]" not in out  # --quiet: no stage lines
+    assert not (wd / "mlflow.db").exists() and not (wd / "mlartifacts").exists()
+    assert (wd / "optuna.db").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_exits_130_without_a_traceback(tmp_path, micro_world):
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(QUICKSTART), f"workdir={tmp_path / 'wd'}", "--no-track",
+           "--quiet", "corpus.max_docs_per_domain=10", "baselines.ensemble.enabled=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[run]" in line and "distributions/" in line:  # a stage is being built
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == ("fuselab: interrupted; what finished is cached: the same command "
+                                           "resumes from there")
+    assert "Traceback" not in out
