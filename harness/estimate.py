@@ -88,7 +88,8 @@ class Hardware:
     source: str = "given"
 
     def describe(self) -> str:
-        peak = f"{self.peak_flops / 1e12:,.4g} TFLOP/s" if self.peak_flops >= 1e12 else f"{self.peak_flops / 1e9:,.3g} GFLOP/s"
+        tera = self.peak_flops >= 1e12
+        peak = f"{self.peak_flops / 1e12:,.4g} TFLOP/s" if tera else f"{self.peak_flops / 1e9:,.3g} GFLOP/s"
         return f"{self.devices} x {self.name}, peak {peak} each, {self.utilisation:.0%} of it achieved ({self.source})"
 
 
@@ -288,7 +289,8 @@ def corpus_tokens(cfg: ExperimentConfig, base: Path = Path(".")) -> tuple[int | 
         return None, how
     documents = KNOWN_CORPORA.get(corpus.dataset.path if corpus.dataset else "", {}).get("documents")
     if corpus.max_docs and documents and corpus.max_docs < documents:
-        tokens, how = tokens * corpus.max_docs // documents, f"{how}, first {corpus.max_docs:,} of {documents:,} documents"
+        tokens = tokens * corpus.max_docs // documents
+        how = f"{how}, first {corpus.max_docs:,} of {documents:,} documents"
     if corpus.max_tokens and corpus.max_tokens < tokens:
         tokens, how = corpus.max_tokens, f"corpus.max_tokens {corpus.max_tokens:,}"
     train = int(tokens * (1 - corpus.validation_fraction))
