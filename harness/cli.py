@@ -373,7 +373,6 @@ EXPECTED_ERRORS = {
     "harness.launch": ("LaunchError",),
     "harness.sharded": ("ShardedExtractionError",),
     "harness.tracking": ("TrackingError",),
-    "harness.stages.checks": ("NonFiniteError",),
     "harness.recipes.kd": ("TokenizerMismatch",),
     "harness.evaluation.data": ("DataUnavailableError",),
     "harness.evaluation.sandbox": ("SandboxUnavailable",),

@@ -131,6 +131,15 @@ def test_which_errors_are_expected():
         assert not cli.is_expected(exc), exc
 
 
+def test_every_expected_error_names_an_exception_class():
+    import importlib
+
+    for module, names in cli.EXPECTED_ERRORS.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            assert issubclass(getattr(mod, name), Exception), f"{module}.{name}"
+
+
 def test_debug_shows_the_traceback_before_the_line(capsys):
     for argv in (["--debug", "config", "show", str(QUICKSTART), "fusion.lamda=1"],
                  ["config", "show", str(QUICKSTART), "fusion.lamda=1", "--debug"]):
