@@ -678,7 +678,7 @@ def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool =
     data = apply_overrides(read_yaml(path), list(overrides), source=path.name)
     cfg = validate_config(data, source=path.name)
     if check_paths:
-        check_local_paths(cfg, path.name, base=path.parent)
+        check_local_paths(cfg, path.name)
     return cfg
 
 
@@ -686,7 +686,10 @@ def looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf")
 
 
-def check_local_paths(cfg: ExperimentConfig, source: str, base: Path = Path(".")) -> None:
+def check_local_paths(cfg: ExperimentConfig, source: str) -> None:
+    """Every local file or folder the config names exists (model folders, corpus files, merge configs' models,
+    evaluation data, task folders). Relative paths are relative to the working directory, as everywhere in
+    FuseLab (not to the config file); raises ConfigError naming the field."""
     specs = [("target", cfg.target)] + [(f"sources.{i}", s) for i, s in enumerate(cfg.sources)]
     for where, spec in specs:
         if looks_local(spec.ref):

@@ -83,7 +83,13 @@ class Graph:
         cfg = self.cfg
         specs = [cfg.target, *cfg.sources]
         toks = sorted(json.dumps(self.tokenizer_identity(s), sort_keys=True) for s in specs)
-        files = files_identity(cfg.corpus.paths, self.hashes) if cfg.corpus.kind != "micro" else []
+        files = []
+        if cfg.corpus.kind == "datasets":  # a local dataset rebuilds when its files change (hub: its revision)
+            from harness.corpus import local_data_files
+
+            files = files_identity([str(p) for p in local_data_files(cfg.corpus)], self.hashes)
+        elif cfg.corpus.kind != "micro":
+            files = files_identity(cfg.corpus.paths, self.hashes)
         return CorpusStage("corpus", self.world, cfg.corpus, cfg.training.block_size, toks, files=files,
                            models=specs, seed=cfg.seed)
 
@@ -140,10 +146,11 @@ class Graph:
         """One eval stage per contestant (after every method has added its stages)."""
         ev = self.cfg.evaluation
         data = data_identity(ev, self.hashes)
+        tasks = [tree_identity(Path(f).expanduser(), self.hashes) for f in ev.include_path]
         numerics = self.placement.key_settings(ev.settings.dtype)
         for c in self.contestants:
             self.add(EvalStage(f"eval/{c.label}", self.corpus, self.world, list(c.made_by), ev, c.label,
-                               c.identity, dict(c.key_extra), data, contestant=c, numerics=numerics))
+                               c.identity, dict(c.key_extra), data, tasks, contestant=c, numerics=numerics))
 
 
 def files_identity(paths: list[str], hashes: FileHashes) -> list[str | None]:

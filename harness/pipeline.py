@@ -68,9 +68,21 @@ def check_evaluation(cfg: ExperimentConfig) -> list[str]:
                 check_sandbox()
             except (SandboxUnavailable, ValueError) as exc:
                 problems.append(f"evaluation.suites: multipl_e: {exc}")
-    return problems
+    return problems + _lm_eval_problems(cfg)
 
 
+def _lm_eval_problems(cfg: ExperimentConfig) -> list[str]:
+    """Unknown lm-eval task names and built-in tasks whose dataset is missing offline
+    (harness.evaluation.suites.suite_problems); the micro world's group and tasks exist once it is built."""
+    from harness.evaluation.suites import suite_problems
+
+    extra: list[str] = []
+    if cfg.world is not None:
+        from harness.micro.corpus import DOMAINS
+        from harness.micro.tasks import GROUP, task_names
+
+        extra = [GROUP, *task_names(list(DOMAINS))]
+    return suite_problems(cfg.evaluation.suites, cfg.evaluation.include_path, extra_names=extra)
 
 
 def train_settings(cfg: ExperimentConfig, **overrides):
@@ -104,8 +116,10 @@ def _quiet_libraries() -> None:
 def preflight(cfg: ExperimentConfig) -> Plan:
     """The plan, once the evaluation and the models pass their checks (before any stage runs, rather than
     after all the training): a ConfigError / ModelLoadError with one line per problem otherwise."""
+    from harness.corpus import corpus_problems
+
     plan = build_plan(cfg)
-    evaluation_problems = check_evaluation(cfg)
+    evaluation_problems = [*corpus_problems(cfg.corpus), *check_evaluation(cfg)]
     if evaluation_problems:
         from harness.config import ConfigError
 

@@ -237,7 +237,7 @@ class StudySpec(_Strict):
         data = apply_overrides(data, overrides, source=where)
         setting = ", ".join(f"{k}={params[k]}" for k in params if k != SEED_PARAM)
         cfg = validate_config(data, source=f"{self.source_name}: search_space (setting {setting or 'base'})")
-        check_local_paths(cfg, self.source_name, base=self.base_path.parent)
+        check_local_paths(cfg, self.source_name)
         return cfg
 
     def check_settings(self) -> None:

@@ -36,8 +36,10 @@ class CorpusStage(Stage):
         from fusion.data import split_documents
         from harness.corpus import load_corpus_splits, save_jsonl
 
-        splits = load_corpus_splits(self.corpus, world=env.world, seed=self.seed)
-        toks = [env.tokenizer(spec) for spec in self.models]
+        toks = [env.tokenizer(spec) for spec in self.models]  # the target's first
+        target = toks[0]
+        splits = load_corpus_splits(self.corpus, world=env.world, seed=self.seed,
+                                    count_tokens=lambda t: len(target(t, add_special_tokens=False)["input_ids"]))
         for split, rows in splits.items():
             docs, doc_id = [], 0
             for row in rows:

@@ -21,7 +21,9 @@ from harness.stages.world import WorldStage
 @dataclass(eq=False)
 class EvalStage(Stage):
     kind: ClassVar[str] = "eval"
-    version: ClassVar[int] = 2  # 2: per-item and per-document scores kept; the ensemble's bits per byte
+    # 2: per-item and per-document scores kept, the ensemble's bits per byte; 3: BBH, BoolQ and MultiPL-E as
+    # lm-eval 0.4.13 scores them (raw exact match, stop "Q", size-weighted group; acc only; common problems)
+    version: ClassVar[int] = 3
 
     corpus: CorpusStage  # held-out documents (validation split)
     world: WorldStage | None  # the micro tasks (and micro models)
@@ -31,6 +33,7 @@ class EvalStage(Stage):
     ident: dict | None  # a given model's identity (models made by stages are keyed through `made_by`)
     extra: dict  # what else identifies the contestant (the ensemble's combiner, weights and members)
     data: str | None = None  # digest of the local task data's files (harness.graph.tree_identity)
+    tasks: list[str] = None  # digests of the evaluation.include_path folders (their task YAMLs and data)
     contestant: object = no_key(default=None)
 
     def key_settings(self) -> dict:
@@ -38,6 +41,8 @@ class EvalStage(Stage):
         out = {**self.evaluation.model_dump(mode="json"), "model": self.model, "ident": self.ident, **self.extra}
         if self.data is not None:
             out["data"] = self.data
+        if self.tasks:
+            out["tasks"] = self.tasks
         return out
 
     def build(self, out: Path, env) -> None:
@@ -85,8 +90,10 @@ def run_suites(evaluation: EvaluationSpec, label: str, model, env) -> tuple[pd.D
     s, p = evaluation.settings, env.placement
     settings = EvalSettings(batch_size=s.batch_size, dtype=p.dtype_for(s.dtype), num_fewshot=s.num_fewshot,
                             seed=s.seed, limit=s.limit, max_gen_toks=s.max_gen_toks, bbh_variant=s.bbh_variant,
-                            device=p.device, attn_implementation=p.attn_implementation)
-    include = [env.world.tasks_dir] if env.world is not None else []
+                            bbh_strip_whitespace=s.bbh_strip_whitespace, device=p.device,
+                            attn_implementation=p.attn_implementation)
+    include = ([env.world.tasks_dir] if env.world is not None else []) + \
+        [Path(f).expanduser() for f in evaluation.include_path]
     data_dir = Path(evaluation.data_dir).expanduser() if evaluation.data_dir else None
     df, items = evaluate(model, list(evaluation.suites), settings, data_dir=data_dir, include_paths=include,
                          model_name=label, progress=env.progress, return_items=True)

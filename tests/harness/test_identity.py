@@ -210,7 +210,7 @@ def _alternatives(path: str, value, scratch: Path):
                "weights": [[0.5, 0.3, 0.2]], "suites": [["micro", "bbh"]], "members": [["llama-docs", "neox-code"]],
                "name": ["other-name"], "dtype": ["float16"], "data_dir": [str(scratch)], "paths": [["/tmp/x.txt"]],
                "ref": ["micro:other-model"], "encoding": ["latin-1"], "method": ["slerp", "task_arithmetic"],
-               "device": ["cpu"]}
+               "device": ["cpu"], "include_path": [[str(scratch)]]}
     yield from special.get(path.split(".")[-1], [])
     if isinstance(value, bool):
         yield not value
