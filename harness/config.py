@@ -101,6 +101,11 @@ class CorpusSpec(_Strict):
         for name in ("dataset", "domain_field", "max_docs", "max_tokens"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: only for kind datasets (this corpus is kind {self.kind})")
+        if self.kind == "micro":  # the micro world generates its documents: file settings would be ignored
+            for name in ("paths", "min_chars", "encoding", "text_field"):
+                if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                    raise ValueError(f"{name}: only for file and datasets corpora; the micro corpus is generated "
+                                     "by the micro world (its documents are 300-1200 characters)")
         return self
 
     @model_serializer(mode="wrap")

@@ -149,9 +149,9 @@ def run_experiment(cfg: ExperimentConfig, *, tracker=None, parent_run_id: str | 
     run_dir = workdir(cfg) / "runs" / f"{cfg.name}-{cfg.content_hash()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if tracker is None and track:
-        from harness.tracking import Tracker
+        from harness.tracking import Tracker, resolve_experiment_name
 
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, workdir(cfg))
+        tracker = Tracker(cfg.tracking.uri, resolve_experiment_name(cfg.tracking.experiment, cfg.name), workdir(cfg))
     if tracker is None:
         return execute(plan, run_dir, progress)
     return _tracked(plan, run_dir, progress, tracker, parent_run_id)

@@ -112,6 +112,12 @@ def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
+def resolve_experiment_name(configured: str | None, default: str) -> str:
+    """The MLflow experiment to log to: `configured` (tracking.experiment, a study's `experiment`), else
+    MLFLOW_EXPERIMENT_NAME, else `default` (the experiment's or the study's name)."""
+    return configured or os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
+
+
 class TrackingError(RuntimeError):
     """A tracking store or UI problem the user can fix (a busy port, a store that cannot be served); one line."""
 

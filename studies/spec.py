@@ -181,7 +181,10 @@ class StudySpec(_Strict):
         return self.storage or f"sqlite:///{self.workdir() / 'optuna.db'}"
 
     def experiment_name(self) -> str:
-        return self.experiment or self.study_name
+        """The MLflow experiment: `experiment`, else MLFLOW_EXPERIMENT_NAME, else the study's name."""
+        from harness.tracking import resolve_experiment_name
+
+        return resolve_experiment_name(self.experiment, self.study_name)
 
     def content_hash(self) -> str:
         """Identity of what a study runs: a resumed study must have the same hash."""

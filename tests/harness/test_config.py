@@ -277,3 +277,11 @@ def test_training_fields_are_the_trainer_settings_and_the_old_reset_key_still_re
     contradicts = {**old, "training": {"reset_attention_across_documents": True, "cross_document_attention": True}}
     with pytest.raises(ConfigError, match="contradict each other"):
         validate_config(contradicts)
+
+
+def test_file_corpus_settings_on_the_micro_corpus_are_an_error_not_ignored():
+    base = {"name": "x", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
+            "sources": [{"ref": "micro:neox-code"}]}
+    with pytest.raises(ConfigError, match=r"corpus: min_chars: only for file and datasets corpora"):
+        validate_config({**base, "corpus": {"kind": "micro", "min_chars": 50}})
+    assert validate_config({**base, "corpus": {"kind": "micro", "min_chars": 20}}).corpus.min_chars == 20

@@ -166,7 +166,9 @@ COMPANIONS = {"fusion.avgce_weights": ["fusion.fusion=avgce"], "fusion.avgce_cut
 PAIRED = {"target.dtype": "sources.0.dtype", "target.ref": "sources.0.ref"}  # (quickstart: sources.0 = target)
 # Fields that cannot change alone: the source named like the target, a one-choice kind, and the corpus kind
 # (other kinds need files: test_corpus_file_content_is_in_the_corpus_key).
-FIXED = {"sources.0.dtype", "world.kind", "corpus.kind"}
+FIXED = {"sources.0.dtype", "world.kind", "corpus.kind",
+         # file-corpus settings: a micro corpus refuses them (a config error, not an ignored knob)
+         "corpus.encoding", "corpus.min_chars", "corpus.paths", "corpus.text_field"}
 
 
 def _leaves(obj, prefix=""):

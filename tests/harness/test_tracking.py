@@ -140,3 +140,13 @@ def test_ensure_run_returns_one_run_per_tag_set(tracker):
     assert a == b
     assert len(tracker.find_runs(tags)) == 1
     assert tracker.ensure_run("study s2", {**tags, "fuselab.study": "s2"}) != a
+
+
+def test_experiment_name_config_then_env_then_name(monkeypatch):
+    from harness.tracking import resolve_experiment_name
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert resolve_experiment_name(None, "exp") == "exp"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert resolve_experiment_name(None, "exp") == "from-env"
+    assert resolve_experiment_name("configured", "exp") == "configured"
