@@ -200,6 +200,86 @@ def _train_sources(tmp: Path, seed: int, sizes: MicroSizes, progress: bool, whil
     return results
 
 
+def _write_corpus(tmp: Path, seed: int, sizes: MicroSizes) -> dict[str, list[dict]]:
+    """Build the corpus and write tmp/corpus/<split>.jsonl; -> rows per split."""
+    rows = build_corpus(seed, sizes.corpus)
+    (tmp / "corpus").mkdir()
+    for split in SPLITS:
+        _write_jsonl(tmp / "corpus" / f"{split}.jsonl", rows[split])
+    return rows
+
+
+def _specialists_ok(bpb: dict[str, dict[str, float]], seed: int) -> bool:
+    """Whether every source has the lowest validation bits per byte on its own domain (warns if not)."""
+    ok = all(min(bpb, key=lambda n: bpb[n][spec.domain]) == spec.name for spec in SOURCE_SPECS)
+    if not ok:
+        warnings.warn(f"micro world seed {seed}: not every source has the lowest validation bits per byte "
+                      f"on its own domain: {bpb}", stacklevel=4)
+    return ok
+
+
+def _world_info(seed: int, sizes: MicroSizes, rows: dict[str, list[dict]], task_counts: dict[str, int],
+                bpb: dict[str, dict[str, float]], specialists_ok: bool) -> dict:
+    """The content of world.json."""
+    return {
+        "version": MICRO_WORLD_VERSION, "seed": seed, "sizes": asdict(sizes),
+        "python": platform.python_version(), "domains": list(DOMAINS), "target": TARGET_NAME,
+        "models": {spec.name: {"path": f"models/{spec.name}", "specialty": spec.domain, **asdict(spec)}
+                   for spec in SOURCE_SPECS},
+        "tasks": {"group": "micro", "items": task_counts},
+        "corpus": {split: {d: {"documents": sum(r["domain"] == d for r in rows[split]),
+                               "chars": sum(len(r["text"]) for r in rows[split] if r["domain"] == d)}
+                           for d in DOMAINS} for split in SPLITS},
+        "validation_bpb": bpb, "specialists_ok": specialists_ok,
+    }
+
+
+def _build_log(seconds: float, corpus_seconds: float, load_before, results: dict[str, dict]) -> dict:
+    """The content of build_log.json: timings and machine load (not part of the deterministic content)."""
+    return {"seconds": seconds, "corpus_seconds": corpus_seconds, "cpu_count": os.cpu_count(),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "sources": {n: {k: r[k] for k in ("seconds", "final_loss", "train_tokens")} for n, r in results.items()}}
+
+
+def _publish(tmp: Path, root: Path, seed: int, sizes: MicroSizes) -> MicroWorld | None:
+    """Rename the finished `tmp` onto `root`; None when done, else the world another build published first."""
+    _fsync_tree(tmp)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / WORLD_FILE).is_file():
+            raise
+        # Another build of the same root finished first; theirs is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _check_cached(MicroWorld.load(root), seed, sizes)
+    return None
+
+
+def _build_into(tmp: Path, root: Path, seed: int, sizes: MicroSizes, progress: bool) -> tuple[float, tuple]:
+    """Write a complete world into `tmp` (tasks with data paths under `root`); -> (seconds, load before)."""
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    rows = _write_corpus(tmp, seed, sizes)
+    corpus_seconds = time.perf_counter() - t0
+    _log(progress, f"corpus: {sum(len(r) for r in rows.values())} documents in {corpus_seconds:.1f} s; "
+                   f"training {len(SOURCE_SPECS)} sources side by side")
+
+    task_counts: dict[str, int] = {}
+
+    def make_tasks() -> None:
+        task_counts.update(build_tasks(rows["test"], list(DOMAINS), seed, sizes.task_items,
+                                       tasks_dir=root / "tasks", write_dir=tmp / "tasks"))
+
+    results = _train_sources(tmp, seed, sizes, progress, make_tasks)
+    bpb = {name: results[name]["validation_bpb"] for name in results}
+    info = _world_info(seed, sizes, rows, task_counts, bpb, _specialists_ok(bpb, seed))
+    seconds = time.perf_counter() - t0
+    log = _build_log(seconds, corpus_seconds, load_before, results)
+    (tmp / "build_log.json").write_text(json.dumps(log, indent=1, sort_keys=True) + "\n")
+    (tmp / WORLD_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    return seconds, load_before
+
+
 def build_micro_world(root: Path, seed: int = 0, progress: bool = True, *,
                       sizes: MicroSizes = DEFAULT_SIZES) -> MicroWorld:
     """Build the micro world at `root` from nothing, or return it if `root` already holds a complete one.
@@ -219,55 +299,11 @@ def build_micro_world(root: Path, seed: int = 0, progress: bool = True, *,
     _remove_stale_builds(root)
     tmp = root.parent / f".{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    t0 = time.perf_counter()
-    load_before = os.getloadavg()
     try:
-        rows = build_corpus(seed, sizes.corpus)
-        (tmp / "corpus").mkdir()
-        for split in SPLITS:
-            _write_jsonl(tmp / "corpus" / f"{split}.jsonl", rows[split])
-        corpus_seconds = time.perf_counter() - t0
-        _log(progress, f"corpus: {sum(len(r) for r in rows.values())} documents in {corpus_seconds:.1f} s; "
-                       f"training {len(SOURCE_SPECS)} sources side by side")
-
-        task_counts: dict[str, int] = {}
-
-        def make_tasks() -> None:
-            task_counts.update(build_tasks(rows["test"], list(DOMAINS), seed, sizes.task_items,
-                                           tasks_dir=root / "tasks", write_dir=tmp / "tasks"))
-
-        results = _train_sources(tmp, seed, sizes, progress, make_tasks)
-        bpb = {name: results[name]["validation_bpb"] for name in results}
-        specialists_ok = all(min(bpb, key=lambda n: bpb[n][spec.domain]) == spec.name for spec in SOURCE_SPECS)
-        if not specialists_ok:
-            warnings.warn(f"micro world seed {seed}: not every source has the lowest validation bits per byte "
-                          f"on its own domain: {bpb}", stacklevel=2)
-        info = {
-            "version": MICRO_WORLD_VERSION, "seed": seed, "sizes": asdict(sizes),
-            "python": platform.python_version(), "domains": list(DOMAINS), "target": TARGET_NAME,
-            "models": {spec.name: {"path": f"models/{spec.name}", "specialty": spec.domain, **asdict(spec)}
-                       for spec in SOURCE_SPECS},
-            "tasks": {"group": "micro", "items": task_counts},
-            "corpus": {split: {d: {"documents": sum(r["domain"] == d for r in rows[split]),
-                                   "chars": sum(len(r["text"]) for r in rows[split] if r["domain"] == d)}
-                               for d in DOMAINS} for split in SPLITS},
-            "validation_bpb": bpb, "specialists_ok": specialists_ok,
-        }
-        seconds = time.perf_counter() - t0
-        log = {"seconds": seconds, "corpus_seconds": corpus_seconds, "cpu_count": os.cpu_count(),
-               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "sources": {n: {k: r[k] for k in ("seconds", "final_loss", "train_tokens")} for n, r in results.items()}}
-        (tmp / "build_log.json").write_text(json.dumps(log, indent=1, sort_keys=True) + "\n")
-        (tmp / WORLD_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / WORLD_FILE).is_file():
-                raise
-            # Another build of the same root finished first; theirs is as good as ours.
-            shutil.rmtree(tmp, ignore_errors=True)
-            return _check_cached(MicroWorld.load(root), seed, sizes)
+        seconds, load_before = _build_into(tmp, root, seed, sizes, progress)
+        theirs = _publish(tmp, root, seed, sizes)
+        if theirs is not None:
+            return theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
