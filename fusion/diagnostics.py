@@ -66,40 +66,53 @@ class Diagnostics:
     """Sums over target positions that predict a token, additive over documents (`a + b`).
 
     counts: positions per POSITION_CATEGORIES entry. Over the positions that carry the source's row and whose
-    row has mass: carried, covered (the gold next target token is among the row's ids), the source's top-k
-    mass at the aligned source position (mass_kept), and in nats: -ln q(gold) of the renormalised row on
-    covered positions (teacher_nll_covered) beside the target model's own -ln p(gold) there
-    (target_nll_covered), the target's -ln p(gold) on all carried positions (target_nll) and -ln((1 - mix) p +
-    mix q) (mix_nll), the loss the target would get by mixing the teacher in at weight `mix`.
+    row has mass (carried): covered (the gold next target token is among the row's ids, q > 0), target_covered
+    (the gold token is among the target model's own stored top-k, so its probability p is known), compared (both),
+    mass_kept (the source's top-k mass at the aligned source position). In nats: teacher_nll and target_nll,
+    -ln q and -ln p on the compared positions; target_nll_known, -ln p on the target-covered positions, beside
+    mix_nll = -ln((1 - mix) p + mix q) there, the loss the target would get by mixing the teacher in at `mix`.
+    q is the teacher's row renormalised to sum 1 (what the fusion loss trains towards); p is the target model's
+    own probability (its stored top-k log-probability, not renormalised), unknown outside its top-k.
     """
 
     counts: np.ndarray = field(default_factory=lambda: np.zeros(len(POSITION_CATEGORIES), dtype=np.int64))
     carried: int = 0
     covered: int = 0
+    target_covered: int = 0
+    compared: int = 0
     mass_kept: float = 0.0
-    teacher_nll_covered: float = 0.0
-    target_nll_covered: float = 0.0
+    teacher_nll: float = 0.0
     target_nll: float = 0.0
+    target_nll_known: float = 0.0
     mix_nll: float = 0.0
 
     def __add__(self, other: "Diagnostics") -> "Diagnostics":
         return Diagnostics(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
-    def summary(self) -> dict[str, float]:
-        """Shares of positions per category, coverage, mean top-k mass kept, mean nats per position, and
-        mix_gain_nats = mean mix_nll - mean target_nll over carried positions (negative: the teacher helps)."""
+    def figures(self) -> dict[str, tuple[float, int]]:
+        """{figure: (value, n)}, n the positions the value is a share or mean over (value NaN when n = 0):
+        share_<category> and share_carried over predicting positions; coverage, target_coverage and mass_kept
+        (mean top-k mass) over carried positions; teacher_nll and target_nll (mean nats) over compared
+        positions; mix_gain_nats = mean mix_nll - mean target_nll_known over target-covered positions
+        (negative: mixing the teacher in lowers the target's loss)."""
         positions = int(self.counts.sum())
-        out: dict[str, float] = {"positions": positions}
-        for name, count in zip(POSITION_CATEGORIES, self.counts):
-            out[f"share_{name}"] = count / positions if positions else float("nan")
-        nan = float("nan")
-        out["share_carried"] = self.carried / positions if positions else nan
-        out["coverage"] = self.covered / self.carried if self.carried else nan
-        out["mass_kept"] = self.mass_kept / self.carried if self.carried else nan
-        out["teacher_nll_covered"] = self.teacher_nll_covered / self.covered if self.covered else nan
-        out["target_nll_covered"] = self.target_nll_covered / self.covered if self.covered else nan
-        out["mix_gain_nats"] = (self.mix_nll - self.target_nll) / self.carried if self.carried else nan
+
+        def ratio(num: float, n: int) -> tuple[float, int]:
+            return (float(num) / n if n else float("nan")), int(n)
+
+        out = {f"share_{name}": ratio(count, positions) for name, count in zip(POSITION_CATEGORIES, self.counts)}
+        out["share_carried"] = ratio(self.carried, positions)
+        out["coverage"] = ratio(self.covered, self.carried)
+        out["target_coverage"] = ratio(self.target_covered, self.carried)
+        out["mass_kept"] = ratio(self.mass_kept, self.carried)
+        out["teacher_nll"] = ratio(self.teacher_nll, self.compared)
+        out["target_nll"] = ratio(self.target_nll, self.compared)
+        out["mix_gain_nats"] = ratio(self.mix_nll - self.target_nll_known, self.target_covered)
         return out
+
+    def summary(self) -> dict[str, float]:
+        """`figures()` without the counts, plus the number of predicting positions."""
+        return {"positions": int(self.counts.sum()), **{k: v for k, (v, _) in self.figures().items()}}
 
 
 def diagnose_document(target: TokenizedText, source: TokenizedText, source_ids: np.ndarray,
@@ -111,7 +124,8 @@ def diagnose_document(target: TokenizedText, source: TokenizedText, source_ids: 
     source_ids / source_logprobs [n_s, k] (nats): the source's top-k on its tokenization; aligned_ids /
     aligned_probs [n_t, k']: the source's row per target position as the fusion used it
     (`fusion.aligned.align_distribution`); target_gold_logprob float [n_t]: the target model's own
-    log p(target.ids[t + 1] | prefix) in nats (the last entry is ignored). mix in (0, 1].
+    log p(target.ids[t + 1] | prefix) in nats, -inf where unknown (`gold_logprob`; the last entry is ignored).
+    mix in (0, 1].
     """
     if not 0.0 < mix <= 1.0:
         raise ValueError(f"mix must be in (0, 1], got {mix}")
@@ -128,17 +142,42 @@ def diagnose_document(target: TokenizedText, source: TokenizedText, source_ids: 
         return diag
     gold = target.ids[t + 1]
     q = np.where(aligned_ids[t] == gold[:, None], aligned_probs[t], 0.0).sum(axis=1) / mass[t]
-    p = np.exp(np.asarray(target_gold_logprob, dtype=np.float64)[t])
-    covered = q > 0
-    src = alignment.one_to_one()[t]
-    diag.carried = len(t)
-    diag.covered = int(covered.sum())
-    diag.mass_kept = float(np.exp(source_logprobs[src].astype(np.float64)).sum())
-    diag.teacher_nll_covered = float(-np.log(q[covered]).sum())
-    diag.target_nll_covered = float(-np.log(p[covered]).sum())
-    diag.target_nll = float(-np.log(p).sum())
-    diag.mix_nll = float(-np.log((1.0 - mix) * p + mix * q).sum())
+    log_p = np.asarray(target_gold_logprob, dtype=np.float64)[t]
+    p = np.exp(log_p)  # 0 where unknown
+    covered, known = q > 0, np.isfinite(log_p)
+    both = covered & known
+    diag.carried, diag.covered = len(t), int(covered.sum())
+    diag.target_covered, diag.compared = int(known.sum()), int(both.sum())
+    diag.mass_kept = float(np.exp(source_logprobs[alignment.one_to_one()[t]].astype(np.float64)).sum())
+    diag.teacher_nll = float(-np.log(q[both]).sum())
+    diag.target_nll = float(-log_p[both].sum())
+    diag.target_nll_known = float(-log_p[known].sum())
+    diag.mix_nll = float(-np.log((1.0 - mix) * p[known] + mix * q[known]).sum())
     return diag
+
+
+def gold_logprob(target: TokenizedText, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> np.ndarray:
+    """float64 [n_t]: the target model's log p(target.ids[t + 1] | prefix) in nats, read from its stored top-k
+    on the same tokenization (topk_ids / topk_logprobs [n_t, k]): the model's own probability, not
+    renormalised; -inf where the next token is not among the top-k (its probability is unknown, below the
+    k-th) and at the last position (it predicts no token of the document)."""
+    n_t = len(target.ids)
+    out = np.full(n_t, -np.inf)
+    if n_t < 2:
+        return out
+    hit = np.asarray(topk_ids)[:-1] == target.ids[1:, None]
+    prob = np.where(hit, np.exp(np.asarray(topk_logprobs, dtype=np.float64)[:-1]), 0.0).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        out[:-1] = np.where(hit.any(axis=1), np.log(prob), -np.inf)
+    return out
+
+
+def topk_mass(topk_logprobs: np.ndarray) -> tuple[float, int]:
+    """(sum over the positions that predict a token, all but the last, of the top-k mass sum_k exp(logprob),
+    number of those positions) of one document; topk_logprobs [n, k] in nats, a model's stored top-k on its
+    own tokenization. Their ratio is the mean mass the top-k keeps (1 - the tail the fusion drops)."""
+    lp = np.asarray(topk_logprobs, dtype=np.float64)[:-1]
+    return float(np.exp(lp).sum()), int(lp.shape[0])
 
 
 def candidate_weights(scores: np.ndarray, fusion: str, avgce_weights: str = "softmax_neg") -> np.ndarray:
@@ -155,3 +194,15 @@ def candidate_weights(scores: np.ndarray, fusion: str, avgce_weights: str = "sof
     if fusion == "avgce":
         return np.stack([weights_of(list(row), avgce_weights) for row in scores]) if len(scores) else scores
     raise ValueError(f"candidate_weights knows fusion 'mince' and 'avgce', got {fusion!r}")
+
+
+def candidate_choices(scores: np.ndarray, fusion: str,
+                      avgce_weights: str = "softmax_neg") -> tuple[np.ndarray, np.ndarray]:
+    """(picked int64 [C]: documents whose lowest score is candidate c (ties: the first), MinCE's choice and
+    AvgCE's largest weight; weight_sum float64 [C]: `candidate_weights` summed over documents) of scores
+    [n_docs, C] (candidate 0 the target). Divided by n_docs: the share of documents and the mean weight."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [n_docs, candidates], got shape {scores.shape}")
+    picked = np.bincount(np.argmin(scores, axis=1), minlength=scores.shape[1]).astype(np.int64)
+    return picked, candidate_weights(scores, fusion, avgce_weights).sum(axis=0)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fusion.align import offsets_align
-from fusion.diagnostics import POSITION_CATEGORIES, Diagnostics, candidate_weights, classify_positions, diagnose_document
+from fusion.diagnostics import (POSITION_CATEGORIES, Diagnostics, candidate_choices, candidate_weights,
+                                classify_positions, diagnose_document, gold_logprob, topk_mass)
 from fusion.tokens import TokenizedText
 from fusion.vocab import VocabMap
 
@@ -60,8 +61,9 @@ def test_two_document_summary_by_hand():
     assert s["share_carried"] == pytest.approx(0.4)
     # gold next tokens: doc 1 t0 -> 11, not in {14}: not covered; doc 2 t0 -> 13, q = .25 / .75 = 1/3
     assert s["coverage"] == pytest.approx(0.5)
-    assert s["teacher_nll_covered"] == pytest.approx(math.log(3))
-    assert s["target_nll_covered"] == pytest.approx(math.log(5))
+    assert s["target_coverage"] == 1.0  # the target knows p at both: compared positions = covered ones
+    assert s["teacher_nll"] == pytest.approx(math.log(3))
+    assert s["target_nll"] == pytest.approx(math.log(5))
     assert s["mass_kept"] == pytest.approx((0.9 + 0.75) / 2)
     mixed = -math.log(0.9 * 0.5) - math.log(0.9 * 0.2 + 0.1 / 3)
     assert s["mix_gain_nats"] == pytest.approx((mixed - math.log(2) - math.log(5)) / 2)
@@ -79,3 +81,50 @@ def test_candidate_weights():
     np.testing.assert_allclose(w, [[0.75, 0.25]])
     with pytest.raises(ValueError, match="mince"):
         candidate_weights(scores, "maxce")
+
+
+# the target model's own stored top-k (k = 2) on its tokenization of the two documents
+T1_TOP = np.array([[11, 10], [2, 11], [10, 11]]); T1_LP = np.log(np.array([[0.5, 0.25], [0.5, 0.125], [0.5, 0.5]]))
+T2_TOP = np.array([[14, 12], [15, 13], [2, 15], [12, 13]])
+T2_LP = np.log(np.array([[0.5, 0.25], [0.5, 0.25], [0.75, 0.125], [0.5, 0.25]]))
+
+
+def test_gold_logprob_reads_the_next_token_from_the_target_top_k():
+    # doc 1: next tokens 11, 2: 11 is in row 0 at p .5, 2 in row 1 at p .5; the last position predicts nothing
+    np.testing.assert_allclose(gold_logprob(T1, T1_TOP, T1_LP), [math.log(0.5), math.log(0.5), -math.inf])
+    # doc 2: next tokens 13, 15, 2: 13 is not in row 0 {14, 12} (unknown), 15 in row 1 at .5, 2 in row 2 at .75
+    np.testing.assert_allclose(gold_logprob(T2, T2_TOP, T2_LP), [-math.inf, math.log(0.5), math.log(0.75), -math.inf])
+
+
+def test_topk_mass_over_predicting_positions():
+    assert topk_mass(T1_LP) == (pytest.approx(0.75 + 0.625), 2)        # rows 0, 1; the last row is not counted
+    assert topk_mass(T2_LP) == (pytest.approx(0.75 + 0.75 + 0.875), 3)
+
+
+def test_unknown_target_probability_leaves_the_position_out_of_the_nats():
+    # the carried positions are doc 1 t0 (teacher row {14: .3}, gold 11: q = 0) and doc 2 t0 (row {14: .5, 13: .25},
+    # gold 13: q = 1/3); the target's top-k holds gold at doc 1 t0 (p = .5) but not at doc 2 t0 (unknown)
+    a1_ids = np.array([[14, 0], [11, 0], [0, 0]]); a1_p = np.array([[0.3, 0], [1, 0], [0, 0]])
+    a2_ids = np.array([[14, 13], [15, 0], [0, 0], [0, 0]]); a2_p = np.array([[0.5, 0.25], [1, 0], [1, 0], [0, 0]])
+    d = (diagnose_document(T1, S1, S1_IDS, S1_LP, offsets_align(T1, S1), VOCAB, a1_ids, a1_p,
+                           gold_logprob(T1, T1_TOP, T1_LP))
+         + diagnose_document(T2, S2, S2_IDS, S2_LP, offsets_align(T2, S2), VOCAB, a2_ids, a2_p,
+                             gold_logprob(T2, T2_TOP, T2_LP)))
+    f = d.figures()
+    assert f["share_usable"] == (pytest.approx(0.2), 5) and f["share_carried"] == (pytest.approx(0.4), 5)
+    assert f["coverage"] == (0.5, 2) and f["target_coverage"] == (0.5, 2)
+    # no position has both probabilities: the teacher-vs-target nats are over 0 positions
+    assert math.isnan(f["teacher_nll"][0]) and f["teacher_nll"][1] == 0 and f["target_nll"][1] == 0
+    # mixing at doc 1 t0: -ln(.9 * .5 + .1 * 0) - (-ln .5) = -ln .9, over the 1 position where p is known
+    assert f["mix_gain_nats"] == (pytest.approx(-math.log(0.9)), 1)
+    assert f["mass_kept"] == (pytest.approx((0.9 + 0.75) / 2), 2)
+
+
+def test_candidate_choices_count_documents_and_sum_weights():
+    picked, weights = candidate_choices(np.array([[2.0, 1.0, 1.0], [0.5, 3.0, 1.0]]), "mince")
+    assert picked.tolist() == [1, 1, 0] and weights.tolist() == [1.0, 1.0, 0.0]   # ties: the first
+    picked, weights = candidate_choices(np.array([[0.0, math.log(3)], [math.log(3), 0.0]]), "avgce")
+    assert picked.tolist() == [1, 1]
+    np.testing.assert_allclose(weights, [0.75 + 0.25, 0.25 + 0.75])
+    picked, weights = candidate_choices(np.zeros((0, 2)), "mince")
+    assert picked.tolist() == [0, 0] and weights.tolist() == [0.0, 0.0]
