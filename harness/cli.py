@@ -172,7 +172,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from harness.tracking import is_server_uri, resolve_tracking_uri, ui_main
+    from harness.tracking import is_server_uri, resolve_tracking_uri
+    from harness.ui import ui_main
 
     uri = resolve_tracking_uri(args.tracking_uri, Path(args.workdir))
     if is_server_uri(uri):  # nothing to start: the server serves its own UI

@@ -30,12 +30,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from harness.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("torchrun", "deepspeed", "none")
@@ -44,12 +45,6 @@ CONFIGURED_STATE_ENV = "FUSELAB_CONFIGURED_STATE"
 
 class LaunchError(RuntimeError):
     """A launched training job failed; the message names the stage, the launcher and the log file."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_command(job_path: str | Path, launcher: str | None, nproc: int) -> list[str]:

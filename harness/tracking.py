@@ -18,21 +18,15 @@ stage finishes, its training curve logged at every Trainer logging step, ended w
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import math
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -286,29 +280,8 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def close_dead_runs(self) -> list[str]:
-        """End KILLED the runs of this experiment that are still RUNNING although the process that opened them
-        on this host is gone (killed with SIGKILL, a crash of the machine); returns their ids. Runs of other
-        hosts are left alone (their processes cannot be seen from here)."""
-        host = socket.gethostname()
-        running = self.client.search_runs([self.experiment_id], filter_string=(
-            f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'"), max_results=10000)
-        closed = []
-        for run in running:
-            tags = run.data.tags
-            if tags.get(TAG_ROLE) == "study":
-                continue  # shared by all of a study's workers, whoever created it; run_study closes it when done
-            try:
-                pid = int(tags.get(TAG_PID, ""))
-            except ValueError:
-                continue
-            started = _process_start(pid)
-            if started is not None and started == tags.get(TAG_PID_START, started):
-                continue  # its process is alive
-            self.client.set_tag(run.info.run_id, "fuselab.error",
-                                f"process {pid} on {host} ended without closing this run (killed)")
-            self.end_run(run.info.run_id, "KILLED")
-            closed.append(run.info.run_id)
-        return closed
+        """End KILLED this experiment's runs left RUNNING by a dead process of this host (`close_dead_runs`)."""
+        return close_dead_runs(self)
 
     @contextmanager
     def run(self, name: str, *, nested: bool = False, tags: dict | None = None, parent_run_id: str | None = None):
@@ -435,15 +408,8 @@ class Tracker:
         data = cfg.model_dump(mode="json")
         self.log_params(data, run_id=rid)
         self.log_text(yaml.safe_dump(data, sort_keys=False), "config/resolved.yaml", run_id=rid)
-        self.set_tags(
-            {
-                TAG_CONFIG_HASH: cfg.content_hash(),
-                TAG_EXPERIMENT: cfg.name,
-                "fuselab.target": cfg.target.label,
-                "fuselab.sources": ",".join(s.label for s in cfg.sources),
-            },
-            run_id=rid,
-        )
+        self.set_tags({TAG_CONFIG_HASH: cfg.content_hash(), TAG_EXPERIMENT: cfg.name, "fuselab.target": cfg.target.label,
+                       "fuselab.sources": ",".join(s.label for s in cfg.sources)}, run_id=rid)
 
     # -- queries ----------------------------------------------------------------------------------
     def find_runs(self, tags: dict[str, str], *, include_deleted: bool = False) -> list:
@@ -451,12 +417,8 @@ class Tracker:
         from mlflow.entities import ViewType
 
         clauses = [f"tags.`{k}` = '{str(v)}'" for k, v in tags.items()]
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=" and ".join(clauses),
-            run_view_type=ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY,
-            max_results=10000,
-        )
+        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(clauses), max_results=10000,
+                                       run_view_type=ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY)
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
     def ensure_run(self, name: str, tags: dict[str, str], *, parent_run_id: str | None = None) -> str:
@@ -472,6 +434,32 @@ class Tracker:
         if chosen != mine:  # lost a race with another host (the file lock covers this host only)
             self.client.delete_run(mine)
         return chosen
+
+
+def close_dead_runs(tracker: "Tracker") -> list[str]:
+    """End KILLED the runs of this experiment that are still RUNNING although the process that opened them
+    on this host is gone (killed with SIGKILL, a crash of the machine); returns their ids. Runs of other
+    hosts are left alone (their processes cannot be seen from here)."""
+    host = socket.gethostname()
+    running = tracker.client.search_runs([tracker.experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'"), max_results=10000)
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        if tags.get(TAG_ROLE) == "study":
+            continue  # shared by all of a study's workers, whoever created it; run_study closes it when done
+        try:
+            pid = int(tags.get(TAG_PID, ""))
+        except ValueError:
+            continue
+        started = _process_start(pid)
+        if started is not None and started == tags.get(TAG_PID_START, started):
+            continue  # its process is alive
+        tracker.client.set_tag(run.info.run_id, "fuselab.error",
+                               f"process {pid} on {host} ended without closing this run (killed)")
+        tracker.end_run(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 class NullTracker:
@@ -643,125 +631,3 @@ def _as_float(key: str, value: Any) -> float:
 
 
 # -- `fuselab ui` ----------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when a process listens on `host:port` (a socket bound the way servers bind, with SO_REUSEADDR, is
-    refused). Raises TrackingError naming the address when it cannot be bound for another reason."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise TrackingError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return False
-
-
-def ui_command(uri: str, host: str, port: int, artifacts: Path) -> list[str]:
-    """`mlflow server` on store `uri`, proxying artifacts to the folder `artifacts` (so clients on other
-    machines log artifacts through it: `mlflow-artifacts:/`)."""
-    return [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", uri,
-        "--serve-artifacts", "--artifacts-destination", str(artifacts),
-        "--host", host, "--port", str(port),
-        "--workers", "1",
-    ]
-
-
-def ui_main(workdir: Path, host: str = "127.0.0.1", port: int = 5000, block: bool = True,
-            uri: str | None = None, timeout_s: float = 180.0) -> subprocess.Popen:
-    """Start the MLflow UI (a tracking server) on store `uri` (default: `resolve_tracking_uri`: the
-    MLFLOW_TRACKING_URI store, else the work dir's) and wait until it answers `/health`.
-
-    Artifacts of experiments created through it go to `<workdir>/mlartifacts`, served to clients.
-    Runs `mlflow server ... --workers 1` with `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false` (with the defaults
-    MLflow 3.17 took ~52 s to serve and left 7 job processes behind); its own process group so `stop_ui` ends
-    all of it; its output appended to `<workdir>/mlflow-ui-<port>.log`. `block=True`: serve until Ctrl-C, then
-    stop. Returns the process (already ended when `block`). Raises TrackingError when `uri` is a server
-    (it serves its own UI), when `port` is taken (before anything starts or is written), when the server exits
-    or does not answer within `timeout_s` seconds.
-    """
-    workdir = Path(workdir).expanduser().resolve()
-    uri = resolve_tracking_uri(uri, workdir)
-    if is_server_uri(uri):
-        raise TrackingError(f"{uri} is a tracking server: its UI is served there already (open it in a browser)")
-    if port_in_use(host, port):
-        raise TrackingError(f"port {port} on {host} is in use (another MLflow UI or server?): pass a free port, "
-                            f"e.g. --port {free_port(host)}")
-    log_path = workdir / f"mlflow-ui-{port}.log"
-    with open(log_path, "ab") as log:
-        log.write(f"--- fuselab ui {time.strftime('%Y-%m-%d %H:%M:%S')}: store {uri}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(ui_command(uri, host, port, workdir / "mlartifacts"), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-    url = f"http://{host}:{port}"
-    try:
-        _wait_until_serving(proc, url, log_path, timeout_s)
-    except BaseException:  # Ctrl-C while it starts: its own session does not get the signal
-        stop_ui(proc)
-        raise
-    print(f"MLflow UI on {url} (store {uri}; log {log_path}); Ctrl-C to stop", flush=True)
-    if block:
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stop_ui(proc)
-    return proc
-
-
-def _wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
-    """Return once `url/health` answers; TrackingError (naming the log) if `proc` exits or `timeout_s` passes."""
-    deadline = time.monotonic() + timeout_s
-    while not _answers(f"{url}/health"):
-        if proc.poll() is not None:
-            raise TrackingError(f"the MLflow server exited with code {proc.returncode} before serving {url}: "
-                                f"see {log_path} ({_last_line(log_path)})")
-        if time.monotonic() > deadline:
-            raise TrackingError(f"the MLflow server did not answer at {url} within {timeout_s:.0f} s: see {log_path}")
-        time.sleep(0.5)
-    if proc.poll() is not None:  # what answered is another process that took the port meanwhile
-        raise TrackingError(f"the MLflow server exited with code {proc.returncode}; {url} is served by another "
-                            f"process: see {log_path}")
-
-
-def stop_ui(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after `timeout_s`."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # uvicorn workers may outlive their parent
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _last_line(path: Path) -> str:
-    """The last non-empty line of a log (the error a server died with)."""
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    return lines[-1][:300] if lines else "no output"

@@ -19,7 +19,7 @@ import yaml
 from harness import cli
 from harness.cli import build_parser, main
 from harness.config import load_config
-from harness.tracking import free_port
+from harness.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "micro_quickstart.yaml"

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.tracking import ExperimentRuns, Tracker, default_tracking_uri, free_port, quiet_third_party, stop_ui
+from harness.processes import free_port
+from harness.tracking import ExperimentRuns, Tracker, default_tracking_uri, quiet_third_party
+from harness.ui import stop_ui
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.tracking import Tracker, free_port, stop_ui, ui_main
+from harness.processes import free_port
+from harness.tracking import Tracker
+from harness.ui import stop_ui, ui_main
 
 pytestmark = pytest.mark.slow  # one server start: ~15 s idle, a minute on a busy machine
 

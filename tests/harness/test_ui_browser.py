@@ -17,7 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from harness.config import load_config
 from harness.pipeline import run_experiment
-from harness.tracking import default_tracking_uri, free_port, stop_ui, ui_main
+from harness.processes import free_port
+from harness.tracking import default_tracking_uri
+from harness.ui import stop_ui, ui_main
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
