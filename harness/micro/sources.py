@@ -102,10 +102,13 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def training_mix(spec: SourceSpec, train_rows: list[dict], seed: int, own_fraction: float) -> list[str]:
+def training_mix(spec: SourceSpec, train_rows: list[dict], seed: int, own_fraction: float,
+                 mix_of: str | None = None) -> list[str]:
     """All of the source's own-domain train documents plus a seeded sample of the other domains,
-    sized so that they make up ``1 - own_fraction`` of the characters, split evenly between them."""
-    rng = random.Random(f"mix:{seed}:{spec.name}")
+    sized so that they make up ``1 - own_fraction`` of the characters, split evenly between them.
+    mix_of: draw the sample of the source of that name instead (same domain: the same mix, so the same
+    tokenizer), e.g. for a wider teacher of the target."""
+    rng = random.Random(f"mix:{seed}:{mix_of or spec.name}")
     own = [r["text"] for r in train_rows if r["domain"] == spec.domain]
     own_chars = sum(len(t) for t in own)
     others = [d for d in DOMAINS if d != spec.domain]
@@ -229,10 +232,11 @@ def _validation_bpb(model, tokenizer, corpus_dir: Path, seq_len: int) -> dict[st
 
 
 def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Path, out_dir: Path,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, mix_of: str | None = None) -> dict:
     """Train `spec`'s tokenizer and model on its training mix and save both to `out_dir` (an HF folder).
 
-    Runs single-threaded with deterministic algorithms, so the same seed gives identical weights.
+    Runs single-threaded with deterministic algorithms, so the same seed gives identical weights. mix_of: train
+    on that source's mix (`training_mix`), so the tokenizer equals that source's (a wider teacher of it).
     Returns ``{"name", "train_tokens", "seconds", "final_loss", "validation_bpb": {domain: bits/byte}}``.
     """
     from transformers import AutoModelForCausalLM
@@ -242,7 +246,7 @@ def train_source(spec: SourceSpec, seed: int, sizes: TrainSizes, corpus_dir: Pat
     _seed_everything(model_seed)
 
     train_rows = read_jsonl(corpus_dir / "train.jsonl")
-    mix = training_mix(spec, train_rows, seed, sizes.own_fraction)
+    mix = training_mix(spec, train_rows, seed, sizes.own_fraction, mix_of=mix_of)
     tokenizer = train_tokenizer(spec.tokenizer_kind, spec.vocab_size, mix, model_max_length=sizes.seq_len)
     blocks = _token_blocks(tokenizer, mix, sizes.seq_len)
     if len(blocks) < sizes.batch:

@@ -31,6 +31,9 @@ class Stage:
 
     name: str
     numerics: dict = dataclasses.field(default_factory=dict, kw_only=True)
+    # stages that must be built first although no field reads them (e.g. the stage that trains a model this
+    # stage loads by path): inputs like any other, so their keys are part of this stage's key
+    requires: list = dataclasses.field(default_factory=list, kw_only=True)
 
     # -- graph --------------------------------------------------------------------------------------
     def inputs(self) -> dict[str, "Stage"]:
@@ -55,7 +58,7 @@ class Stage:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "numerics") or isinstance(value, Stage) or f.metadata.get("key") is False:
+            if f.name in ("name", "numerics", "requires") or isinstance(value, Stage) or f.metadata.get("key") is False:
                 continue
             if isinstance(value, (list, tuple)) and value and all(isinstance(v, Stage) for v in value):
                 continue

@@ -93,7 +93,25 @@ def test_kd_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny_llama_dir, t
     ({"no_such_method": {}}, r"methods: unknown method 'no_such_method'; registered: .*fuse_then_merge.*kd"),
     ({"kd": {"teachr": {"ref": "x"}}}, r"kd\.teacher: Field required|kd\.teachr"),
     ({"fuse_then_merge": {"merges": [{"method": "tie"}]}}, r"unknown merge method 'tie'"),
+    ({"kd": {}}, r"kd\.: Value error, give the teacher|give the teacher: either teacher"),
+    ({"kd": {"teacher": {"ref": "x"}, "micro_teacher": {}}}, r"give the teacher: either teacher"),
+    ({"kd": {"micro_teacher": {"hiden": 64}}}, r"kd\.micro_teacher\.hiden"),
 ])
 def test_method_typos_fail_when_the_config_loads(tmp_path, tiny_llama_dir, tiny_gpt2_dir, methods, message):
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, tiny_llama_dir, tiny_gpt2_dir, methods)
+
+
+def test_the_micro_teacher_trains_on_the_targets_mix():
+    """mix_of: the wider teacher draws the target's sample of the other domains, so it is trained on the same
+    documents in the same order, hence gets the same tokenizer (MicroTeacherStage checks the files too)."""
+    from dataclasses import replace
+
+    from harness.micro import SOURCE_SPECS
+    from harness.micro.sources import training_mix
+
+    rows = [{"domain": d, "text": f"{d} document {i} " * 5} for d in ("docs", "code", "arithmetic") for i in range(40)]
+    target = next(s for s in SOURCE_SPECS if s.name == "llama-docs")
+    wide = replace(target, name="llama-docs-wide", hidden=128, layers=4)
+    assert training_mix(wide, rows, 0, 0.8, mix_of="llama-docs") == training_mix(target, rows, 0, 0.8)
+    assert training_mix(wide, rows, 0, 0.8) != training_mix(target, rows, 0, 0.8)  # its own name: another sample
