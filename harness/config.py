@@ -720,10 +720,12 @@ def validate_config(data: dict, source: str = "<config>") -> ExperimentConfig:
         raise ConfigError(_format_error(source, exc)) from None
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """The mapping a YAML file holds ({} for an empty file); ConfigError naming the file when it is missing
+    (`<path>: <what> not found`) or not valid YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -25,7 +25,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.config import (
@@ -310,12 +309,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), che
     anything else is an experiment override applied after the spec's own. `check`: build every
     setting's config now (fails early with the spec file and field named)."""
     path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"{path}: study spec not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "study spec")
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: a study spec is a mapping (study_name, base, search_space, ...)")
     data.setdefault("study_name", path.stem)
