@@ -375,6 +375,7 @@ EXPECTED_ERRORS = {
     "harness.sharded": ("ShardedExtractionError",),
     "harness.tracking": ("TrackingError",),
     "harness.recipes.kd": ("TokenizerMismatch",),
+    "harness.stages.merge": ("MergeFailed",),
     "harness.evaluation.data": ("DataUnavailableError",),
     "harness.evaluation.sandbox": ("SandboxUnavailable",),
     "baselines.merging": ("UnmergeableModelsError",),

@@ -39,8 +39,10 @@ class Plan:
         return self.cache.status(st.key).usable
 
     def dependents(self, name: str) -> list[str]:
-        """Stages that read `name` directly."""
-        target = self.stages[name]
+        """Stages that read `name` directly ([] for a stage outside the plan)."""
+        target = self.stages.get(name)
+        if target is None:
+            return []
         return [n for n, st in self.stages.items() if any(dep is target for dep in st.inputs().values())]
 
     def path(self, name: str) -> Path:

@@ -12,6 +12,11 @@ from harness.config import ModelSpec
 from harness.stages.base import Stage, no_key
 
 
+class MergeFailed(RuntimeError):
+    """mergekit refused or failed a merge (models it cannot merge, a config it cannot run); one line naming the
+    stage and mergekit's message (`fuselab --debug` shows the traceback)."""
+
+
 @dataclass(eq=False)
 class MergeStage(Stage):
     kind: ClassVar[str] = "merge"
@@ -32,17 +37,24 @@ class MergeStage(Stage):
         return {"config": self.config, "given": self.given, "seed": self.seed}
 
     def build(self, out: Path, env) -> None:
-        from baselines.merging import MERGE_METHODS, merge_models, run_merge_config
+        from baselines.merging import MERGE_METHODS, UnmergeableModelsError, merge_models, run_merge_config
 
         device = env.placement.device
-        if self.config is not None:
-            run_merge_config(self.config, out / "model", lambda ref: self._resolve(ref, env), seed=self.seed,
-                             device=device)
-        else:
-            folders = model_folders(self.models, env)
-            base = Path(env.model_path(self.base_spec)) if MERGE_METHODS.get(self.method).needs_base else None
-            merge_models([folders[n] for n in sorted(folders)], self.method, out / "model", base_model=base,
-                         params=self.params, seed=self.seed, device=device)
+        try:
+            if self.config is not None:
+                run_merge_config(self.config, out / "model", lambda ref: self._resolve(ref, env), seed=self.seed,
+                                 device=device)
+            else:
+                folders = model_folders(self.models, env)
+                base = Path(env.model_path(self.base_spec)) if MERGE_METHODS.get(self.method).needs_base else None
+                merge_models([folders[n] for n in sorted(folders)], self.method, out / "model", base_model=base,
+                             params=self.params, seed=self.seed, device=device)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            if isinstance(exc, (MergeFailed, FileNotFoundError, UnmergeableModelsError)):
+                raise
+            what = self.method or self.config.get("merge_method")
+            raise MergeFailed(f"{self.name}: mergekit could not merge ({what}): {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
         env.note_runtime(self, out, {"device": device, "dtype": "float32"})
 
     def _resolve(self, ref: str, env) -> str:

@@ -164,3 +164,23 @@ def test_a_mergekit_config_over_contestants_merges_their_models(plan, tiny_llama
     target = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
     for name, w in fused.items():
         torch.testing.assert_close(merged[name], (w + target[name]) / 2, rtol=0, atol=1e-6)
+
+
+def test_a_merge_mergekit_cannot_run_is_one_line_naming_the_stage(plan, tmp_path):
+    """A config mergekit accepts at load but cannot run (a model path without weights): MergeFailed naming the
+    stage, which the CLI prints as one line (harness.cli.EXPECTED_ERRORS)."""
+    from harness.cli import is_expected
+    from harness.stages.merge import MergeFailed, MergeStage
+
+    p, ex = plan
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    stage = MergeStage("merge/broken", [], None, {}, config={
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": str(empty), "parameters": {"weight": 0.5}},
+                   {"model": "contestant:target", "parameters": {"weight": 0.5}}]},
+        refs=[], specs={"target": p.cfg.target})
+    with pytest.raises(MergeFailed, match=r"^merge/broken: mergekit could not merge \(linear\): ") as err:
+        ex.ensure(stage)
+    assert is_expected(err.value)
