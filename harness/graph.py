@@ -56,6 +56,7 @@ class Graph:
         self.corpus = self.add(self._corpus_stage())
         self.distributions: dict[str, DistributionsStage] = {}
         self.aligned: dict[str, AlignedStage] = {}
+        self._built: dict[str, list[Stage]] = {}  # models a stage of this graph builds: label -> that stage
 
     # -- building blocks ------------------------------------------------------------------------------
     def add(self, stage: Stage) -> Any:
@@ -64,6 +65,16 @@ class Graph:
             raise GraphError(f"two stages are named {stage.name!r}; give the second one another name")
         self.stages[stage.name] = stage
         return stage
+
+    def built_model(self, spec: ModelSpec, stage: Stage, tokenizer_of: ModelSpec | None = None, **what) -> ModelSpec:
+        """Declare a model that `stage` builds (`spec.ref`: its folder inside the stage's, known before it exists,
+        e.g. a domain expert): its identity is the stage's key and `what` (not its files), its tokenizer the one
+        of `tokenizer_of` when given, and every stage reading it requires `stage`. Returns `spec`."""
+        tok = self.tokenizer_identity(tokenizer_of) if tokenizer_of is not None else {"tokenizer": str(stage.key)}
+        self._identity[spec.label] = {"kind": "stage", "weights": {"built_by": str(stage.key), **what},
+                                      "tokenizer": tok["tokenizer"], "dtype": spec.dtype}
+        self._built[spec.label] = [stage]
+        return spec
 
     def identity(self, spec: ModelSpec) -> dict:
         """A model's content identity (weights, tokenizer, dtype: harness.models.identity), its cache-key part."""
@@ -100,7 +111,7 @@ class Graph:
             self.distributions[spec.label] = self.add(DistributionsStage(
                 f"distributions/{spec.label}", self.corpus, self.identity(spec), f.top_k, f.store_dtype,
                 batch_size=f.extraction_batch_size, spec=spec, device=self.cfg.runtime.device,
-                numerics=self.placement.key_settings(spec.dtype)))
+                numerics=self.placement.key_settings(spec.dtype), requires=self._built.get(spec.label, [])))
         return self.distributions[spec.label]
 
     def aligned_of(self, spec: ModelSpec) -> AlignedStage:
@@ -109,7 +120,8 @@ class Graph:
             f, target = self.cfg.fusion, self.target
             vocab = self.add(VocabStage(f"vocab/{spec.label}", self.world, self.tokenizer_identity(spec),
                                         self.tokenizer_identity(target), f.vocab_map, f.vocab_text,
-                                        f.special_tokens, source_spec=spec, target_spec=target))
+                                        f.special_tokens, source_spec=spec, target_spec=target,
+                                        requires=self._built.get(spec.label, [])))
             self.aligned[spec.label] = self.add(AlignedStage(
                 f"aligned/{spec.label}", self.corpus, self.distributions_of(spec), self.distributions_of(target),
                 vocab, f.alignment, f.fallback_onehot, f.duplicate_ids, f.position0, f.empty_rows,

@@ -94,12 +94,14 @@ def clm_only(g) -> list[Contestant]:
 
 
 def fusellm(g) -> list[Contestant]:
-    """FuseLLM: the target trained on the fused distributions (lam * CLM + (1 - lam) * fusion loss)."""
+    """FuseLLM: the target trained on the fused distributions (lam * CLM + (1 - lam) * fusion loss), and the
+    fusion diagnostics of those distributions."""
     fused = g.fuse()
     st = g.train("train/fusellm", fused, g.cfg.fusion.lam)
+    diagnostics = g.diagnose(fused)  # read by the results and the report, not by training
     return [Contestant("fusellm", FUSELLM, StageModel("fusellm", st), made_by=[st], losses_from=st,
                        params={**common_params(g, FUSELLM), **trained_params(g, g.cfg.fusion.lam)},
-                       figures_from=[fused, st])]
+                       figures_from=[fused, diagnostics, st])]
 
 
 def ensemble(g) -> list[Contestant]:

@@ -202,7 +202,8 @@ def execute(plan: Plan, run_dir: Path, progress: bool | str, live=None) -> Exper
 
 def gather(plan: Plan, run_dir: Path, stage_log: list[dict]) -> ExperimentResult:
     """The results of a plan whose stages are built: the long format and table in contestant order, every
-    score's interval and the paired tests, the training curves."""
+    score's interval and the paired tests, the training curves, the fusion diagnostics (empty without them)."""
+    from harness.stages.diagnostics import read_diagnostics
     from harness.stages.evaluate import read_eval, read_units
     from harness.stages.train import loss_curves
 
@@ -227,8 +228,9 @@ def gather(plan: Plan, run_dir: Path, stage_log: list[dict]) -> ExperimentResult
                                                 pd.concat(docs, ignore_index=True), results,
                                                 seed=plan.cfg.evaluation.settings.seed)
     stage_times = pd.DataFrame(stage_log, columns=["stage", "seconds", "cached"])
+    diagnostics = read_diagnostics(plan.path("diagnostics") if "diagnostics" in plan.stages else None)
     return ExperimentResult(plan.cfg, results, long, metrics_of(results), losses, {}, run_dir, 0, 0, stage_times,
-                            intervals=intervals, comparisons=comparisons)
+                            intervals=intervals, comparisons=comparisons, diagnostics=diagnostics)
 
 
 def runtime_params(cfg: ExperimentConfig, run_dir: Path) -> dict[str, str]:

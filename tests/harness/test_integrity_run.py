@@ -53,7 +53,7 @@ def built(result) -> list[str]:
 
 def test_first_run_then_everything_cached(setup):
     first = setup["first"]
-    assert first.stages_run == 10 and set(first.results["model"]) == {"tgt", "src", "fusellm"}
+    assert first.stages_run == 11 and set(first.results["model"]) == {"tgt", "src", "fusellm"}
     again = rerun(setup)
     assert again.stages_run == 0 and again.metrics == first.metrics
 
@@ -100,7 +100,7 @@ def test_corrupted_fused_probabilities_found_by_verify_and_rebuilt(setup):
     again = rerun(setup)
     assert built(again) == ["fused"] and again.metrics == setup["first"].metrics
     clean = cli("verify", str(setup["cfg"]))
-    assert clean.returncode == 0 and clean.stdout.strip().splitlines()[-1].startswith("10 ok, 0 corrupt")
+    assert clean.returncode == 0 and clean.stdout.strip().splitlines()[-1].startswith("11 ok, 0 corrupt")
 
 
 def test_same_size_new_weights_rerun_exactly_the_stages_that_read_them(setup):
@@ -115,7 +115,8 @@ def test_same_size_new_weights_rerun_exactly_the_stages_that_read_them(setup):
         assert out.returncode == 0, out.stderr
         status = {ln.split()[0]: ln for ln in out.stdout.split("\nestimates:")[0].splitlines()[2:] if ln.strip()}
         pending = sorted(n for n, ln in status.items() if "will run" in ln)
-        assert pending == ["aligned/src", "distributions/src", "eval/fusellm", "eval/src", "fused", "train/fusellm"]
+        assert pending == ["aligned/src", "diagnostics", "distributions/src", "eval/fusellm", "eval/src", "fused",
+                           "train/fusellm"]
         assert "cached" in status["corpus"] and "cached" in status["vocab/src"] and "cached" in status["eval/tgt"]
         again = rerun(setup)
         assert built(again) == pending

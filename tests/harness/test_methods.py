@@ -115,3 +115,28 @@ def test_the_micro_teacher_trains_on_the_targets_mix():
     wide = replace(target, name="llama-docs-wide", hidden=128, layers=4)
     assert training_mix(wide, rows, 0, 0.8, mix_of="llama-docs") == training_mix(target, rows, 0, 0.8)
     assert training_mix(wide, rows, 0, 0.8) != training_mix(target, rows, 0, 0.8)  # its own name: another sample
+
+
+def test_the_three_table7_experts_get_three_keys_and_three_distributions(tmp_path, micro_world, monkeypatch):
+    """Issue 18 (Table 7): structurally identical experts (same architecture, tokenizer, file sizes) must not
+    share a distributions cache entry: each is identified by the pool stage's key and its domain."""
+    from pathlib import Path
+
+    import datasets
+    import numpy as np
+
+    from harness.config import load_config
+    from harness.executor import Executor
+
+    monkeypatch.delenv("FUSELAB_WORKDIR", raising=False)
+    base = Path(__file__).resolve().parents[2] / "studies" / "micro_table7_base.yaml"
+    cfg = load_config(base, [f"workdir={tmp_path}", "corpus.max_docs_per_domain=3",
+                             "baselines.domain_pool.max_steps=2", "training.block_size=64"])
+    plan = build_plan(cfg)
+    stages = [plan.stages[f"distributions/expert-{d}"] for d in ("docs", "code", "arithmetic")]
+    assert len({st.key for st in stages}) == 3
+    assert all(st.inputs()["requires.0"] is plan.stages["domain_pool"] for st in stages)
+    ex = Executor(plan, progress=False)
+    logprobs = [np.concatenate([np.asarray(r, dtype=np.float32) for r in datasets.load_from_disk(
+        str(ex.ensure(st) / "dataset"))["topk_logprobs"]]) for st in stages]
+    assert all(not np.array_equal(logprobs[i], logprobs[j]) for i in range(3) for j in range(i + 1, 3))

@@ -192,3 +192,14 @@ def test_reference_switches_reach_the_vocab_and_aligned_stages(tmp_path, micro_w
                                         target_ids=t_ids, target_logprobs=t_lp)
         np.testing.assert_array_equal(np.asarray(row["ids"]).reshape(len(tt), -1), ids)
         np.testing.assert_array_equal(np.asarray(row["probs"], dtype=np.float32).reshape(len(tt), -1), probs)
+
+
+def test_the_fusion_diagnostics_reach_the_results(first_run):
+    _, res = first_run
+    d = res.diagnostics
+    assert list(d.columns) == ["source", "domain", "figure", "value", "n"]
+    assert set(d["domain"]) == {"docs", "code", "arithmetic", "all"}
+    # every source on the target's positions; every model's top-k mass and candidate choice
+    assert set(d.loc[d["figure"] == "share_usable", "source"]) == {"neox-code", "mpt-arithmetic"}
+    assert set(d.loc[d["figure"] == "topk_mass", "source"]) == {"llama-docs", "neox-code", "mpt-arithmetic"}
+    assert (res.run_dir / "diagnostics.csv").is_file()

@@ -132,6 +132,35 @@ COMPARISONS = pd.DataFrame([
 ], columns=["model", "reference", "reference_model", "score", "difference", "lo", "hi", "p_value", "exact", "mark",
             "n"])
 
+# Fusion diagnostics in the long form of harness.stages.diagnostics (one source, one domain, and "all"), by hand.
+DIAGNOSTICS = pd.DataFrame([
+    # source, domain, figure, value, n
+    *[("neox-code", dom, f, v, 8) for dom in ("code", "all") for f, v in (
+        ("share_not_one_to_one", 0.5), ("share_token_mismatch", 0.125), ("share_unmapped_ids", 0.0),
+        ("share_next_span_differs", 0.125), ("share_usable", 0.25), ("share_carried", 0.375))],
+    ("neox-code", "code", "coverage", 0.5, 3), ("neox-code", "code", "target_coverage", 1.0, 3),
+    ("neox-code", "code", "mass_kept", 0.875, 3), ("neox-code", "code", "teacher_nll", 1.5, 2),
+    ("neox-code", "code", "target_nll", 2.5, 2), ("neox-code", "code", "mix_gain_nats", -0.125, 3),
+    ("neox-code", "code", "topk_mass", 0.75, 8), ("llama-docs", "code", "topk_mass", 0.5, 9),
+    ("llama-docs", "code", "picked", 1, 4), ("llama-docs", "code", "mean_weight", 0.25, 4),
+    ("neox-code", "code", "picked", 3, 4), ("neox-code", "code", "mean_weight", 0.75, 4),
+], columns=["source", "domain", "figure", "value", "n"])
+
+
+def test_diagnostics_pivot_one_row_per_model_and_domain():
+    from harness.report import diagnostics_table
+
+    t = diagnostics_table(DIAGNOSTICS)
+    assert list(t.index) == [("neox-code", "code"), ("neox-code", "all"), ("llama-docs", "code")]
+    assert list(t.columns[:6]) == ["positions", "usable", "next span differs", "not 1-1", "token mismatch",
+                                   "unmapped ids"]
+    row = t.loc[("neox-code", "code")]
+    assert (row["positions"], row["coverage"], row["teacher nats"], row["target nats"], row["mix gain"]) == \
+        (8, 0.5, 1.5, 2.5, -0.125)
+    assert row["picked"] == 0.75 and t.loc[("llama-docs", "code"), "picked"] == 0.25  # 3 and 1 of 4 documents
+    assert t.loc[("llama-docs", "code"), "top-k mass"] == 0.5 and math.isnan(t.loc[("llama-docs", "code"), "usable"])
+    assert math.isnan(t.loc[("neox-code", "all"), "coverage"])  # not in the long table: missing, not zero
+
 
 def test_uncertainty_and_comparison_tables():
     from harness.report import ExperimentData, comparison_table, uncertainty_table
@@ -162,7 +191,8 @@ def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
                             {"fused": 1.5, "train/fusellm": 2.0}, tmp,
                             stage_times=pd.DataFrame({"stage": ["corpus", "fused", "train/fusellm"],
                                                       "seconds": [0.5, 1.5, 2.0], "cached": [True, False, False]}),
-                            intervals=INTERVALS.copy(), comparisons=COMPARISONS.copy())
+                            intervals=INTERVALS.copy(), comparisons=COMPARISONS.copy(),
+                            diagnostics=DIAGNOSTICS.copy())
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +240,17 @@ def test_report_main_on_run_id_and_experiment_name(logged_run, tmp_path):
     per_task = text[text.index("## Per task"):]
     assert re.search(r"\| task +\| +fusellm +\| +llama-docs +\|", per_task)
     assert re.search(r"\| micro/arith +\| +0\.75 +\| +0\.5 +\|", per_task)
+    # the fusion diagnostics come back from the run's results folder, as a pivot with its reading guide
+    diag = text[text.index("## Fusion diagnostics"):text.index("## Stage times")]
+    assert "**alignment**" in diag and "**vocabulary map**" in diag and "**truncation**" in diag
+    assert re.search(r"\| neox-code +\| code +\| +8 +\| +0\.25 +\| +0\.125 +\| +0\.5 +\| +0\.125 +\| +0 +\| +0\.5 +\| "
+                     r"+1 +\| +1\.5 +\| +2\.5 +\| +-0\.125 +\| +0\.75 +\| +0\.75 +\| +0\.75 +\|", diag)
     # stage times come back from MLflow: build times of cached stages too, and their sum
     assert "Sum 4.0 s; built in this run 3.5 s." in text
     assert re.search(r"\| corpus +\| +0\.5 +\| cached +\|", text)
     assert re.search(r"\| train/fusellm +\| +2\.0 +\| built +\|", text)
     for f in ("results.csv", "per_task.csv", "methods.png", "losses.png", "stage_times.csv", "results_ci.csv",
-              "comparisons.csv", "intervals.csv"):
+              "comparisons.csv", "intervals.csv", "diagnostics.csv"):
         assert (tmp_path / "by-id" / f).stat().st_size > 0
     saved = pd.read_csv(tmp_path / "by-id" / "results.csv", index_col="model")
     assert saved.loc["fusellm", "micro vs target (%)"] == pytest.approx(50.0)

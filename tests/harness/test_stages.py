@@ -166,6 +166,48 @@ def test_a_mergekit_config_over_contestants_merges_their_models(plan, tiny_llama
         torch.testing.assert_close(merged[name], (w + target[name]) / 2, rtol=0, atol=1e-6)
 
 
+def test_diagnostics_shares_coverage_and_choices_per_source_and_domain(plan, tiny_llama_dir, tiny_gpt2_dir):
+    from fusion.diagnostics import POSITION_CATEGORIES
+    from harness.stages.diagnostics import read_diagnostics
+
+    p, ex = plan
+    fusellm = next(c for c in p.contestants if c.label == "fusellm")
+    assert p.stages["diagnostics"] in fusellm.figures_from  # its figures reach FuseLLM's MLflow run live
+    folder = ex.ensure(p.stages["diagnostics"])
+    table = read_diagnostics(folder)
+    assert list(table.columns) == ["source", "domain", "figure", "value", "n"]
+    fig = table.set_index(["source", "domain", "figure"])
+    rows = ex.env.corpus_rows(p.stages["corpus"])["train"]
+    tl, tg = _tok(tiny_llama_dir), _tok(tiny_gpt2_dir)
+
+    def in_domain(domain):
+        return [r for r in rows if domain in (r["domain"], "all")]
+
+    def positions(tok, domain):  # every token of a document predicts the next one but the last (EOS)
+        return sum(len(tokenize_document(tok, r["text"])) - 1 for r in in_domain(domain))
+
+    for domain in ("notes", "code", "all"):
+        shares = [fig.loc[("tg", domain, f"share_{c}")] for c in POSITION_CATEGORIES]
+        assert sum(s["value"] for s in shares) == pytest.approx(1.0)
+        assert {int(s["n"]) for s in shares} == {positions(tl, domain)}
+        carried = fig.loc[("tg", domain, "coverage"), "n"]
+        assert carried == round(fig.loc[("tg", domain, "share_carried"), "value"] * positions(tl, domain)) > 0
+        for name in ("coverage", "target_coverage", "mass_kept"):
+            assert 0.0 <= fig.loc[("tg", domain, name), "value"] <= 1.0 and fig.loc[("tg", domain, name), "n"] == carried
+        assert fig.loc[("tl", domain, "topk_mass"), "n"] == positions(tl, domain)
+        assert fig.loc[("tg", domain, "topk_mass"), "n"] == positions(tg, domain)
+        docs = len(in_domain(domain))
+        assert sum(fig.loc[(m, domain, "picked"), "value"] for m in ("tl", "tg")) == docs
+        assert sum(fig.loc[(m, domain, "mean_weight"), "value"] for m in ("tl", "tg")) == pytest.approx(1.0)
+    # the picks over every document are the fused stage's MinCE choices
+    chosen = json.loads((ex.env.path(p.stages["fused"]) / "stats.json").read_text())["mince_chosen"]
+    assert {m: int(fig.loc[(m, "all", "picked"), "value"]) for m in ("tl", "tg")} == \
+        {m: chosen.get(m, 0) for m in ("tl", "tg")}
+    stats = p.stages["diagnostics"].figures(folder)  # what MLflow gets: the finite values, flat
+    assert stats["tg/code/share_usable"] == fig.loc[("tg", "code", "share_usable"), "value"]
+    assert len(stats) == int(np.isfinite(table["value"]).sum())
+
+
 def test_a_merge_mergekit_cannot_run_is_one_line_naming_the_stage(plan, tmp_path):
     """A config mergekit accepts at load but cannot run (a model path without weights): MergeFailed naming the
     stage, which the CLI prints as one line (harness.cli.EXPECTED_ERRORS)."""
@@ -184,3 +226,25 @@ def test_a_merge_mergekit_cannot_run_is_one_line_naming_the_stage(plan, tmp_path
     with pytest.raises(MergeFailed, match=r"^merge/broken: mergekit could not merge \(linear\): ") as err:
         ex.ensure(stage)
     assert is_expected(err.value)
+
+
+def test_diagnostics_figures_reach_the_fusellm_run_live(plan, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from harness.runlog import LiveLog
+    from harness.stages.diagnostics import read_diagnostics
+    from harness.tracking import ExperimentRuns, Tracker
+
+    p, ex = plan
+    stage = p.stages["diagnostics"]
+    folder = ex.ensure(stage)
+    tracker = Tracker(None, "live-diagnostics", tmp_path)
+    with tracker.run("exp") as parent:
+        live = ExperimentRuns(tracker, parent.info.run_id)
+        LiveLog(live, p).on_stage(stage, folder, 0.5, False)  # what the executor calls when the stage is done
+        run_id = live.child("fusellm")
+        live.close("FINISHED")
+    metrics = MlflowClient(tracker.uri).get_run(run_id).data.metrics
+    table = read_diagnostics(folder).set_index(["source", "domain", "figure"])["value"]
+    assert metrics["diagnostics/tg/code/share_usable"] == pytest.approx(table[("tg", "code", "share_usable")])
+    assert metrics["diagnostics/tl/all/picked"] == table[("tl", "all", "picked")]
