@@ -3,8 +3,9 @@ vocabulary maps, alignments and fused set), then each method's stages and contes
 contestant. `fuselab plan`, `fuselab run`, the distributed launcher and studies all use this one graph.
 
 A method is a function `(graph, params) -> list[Contestant]` that adds its stages through the building blocks
-below (`add`, `distributions_of`, `aligned_of`, `fuse`, `train`); the built-in methods are in harness.methods,
-others register with `harness.methods.register_method` and are switched on by the config's `methods:` section.
+below (`add`, `distributions_of`, `aligned_of`, `fuse`, `diagnose`, `train`); the built-in methods are in
+harness.methods, others register with `harness.methods.register_method` and are switched on by the config's
+`methods:` section.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from harness.contestants import Contestant
 from harness.stages.aligned import AlignedStage
 from harness.stages.base import Stage
 from harness.stages.corpus import CorpusStage
+from harness.stages.diagnostics import DiagnosticsStage
 from harness.stages.distributions import DistributionsStage
 from harness.stages.evaluate import EvalStage
 from harness.stages.fused import FusedStage
@@ -142,6 +144,15 @@ class Graph:
         return self.add(FusedStage(name, self.distributions[target.label], aligned, f.fusion, params, f.score,
                                    f.top_k, corpus=self.corpus, target_spec=target,
                                    source_labels=[s.label for s in sources]))
+
+    def diagnose(self, fused: FusedStage, name: str = "diagnostics") -> DiagnosticsStage:
+        """The fusion diagnostics of a fused set (harness.stages.diagnostics: per source and domain, where each
+        source's signal is kept or lost, and which candidate the documents pick). Created once per name."""
+        if name in self.stages:
+            return self.stages[name]
+        return self.add(DiagnosticsStage(name, self.corpus, fused.target_distributions,
+                                         [a.source_distributions for a in fused.aligned], list(fused.aligned),
+                                         [a.vocab for a in fused.aligned], fused))
 
     def train(self, name: str, data: Stage, lam: float, label: str | None = None, **overrides) -> TrainStage:
         """A stage training the target on `data` (a fused-layout dataset stage, or the corpus for CLM) with

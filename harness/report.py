@@ -39,6 +39,7 @@ class ExperimentData:
     stage_times: pd.DataFrame = field(default_factory=pd.DataFrame)  # stage, seconds (build time), cached
     intervals: pd.DataFrame = field(default_factory=pd.DataFrame)  # harness.stats.INTERVAL_COLUMNS
     comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)  # harness.stats.COMPARISON_COLUMNS
+    diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)  # source, domain, figure, value, n
 
 
 def _as_data(obj: Any) -> ExperimentData:
@@ -48,7 +49,8 @@ def _as_data(obj: Any) -> ExperimentData:
         name = obj.config.name if obj.config is not None else Path(obj.run_dir).name
         return ExperimentData(name, obj.results, obj.eval_long, dict(obj.losses),
                               getattr(obj, "stage_times", pd.DataFrame()),
-                              getattr(obj, "intervals", pd.DataFrame()), getattr(obj, "comparisons", pd.DataFrame()))
+                              getattr(obj, "intervals", pd.DataFrame()), getattr(obj, "comparisons", pd.DataFrame()),
+                              getattr(obj, "diagnostics", pd.DataFrame()))
     if isinstance(obj, pd.DataFrame):
         if "run_id" in obj.columns:
             return ExperimentData("runs", results_from_runs(obj))
@@ -281,6 +283,8 @@ def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str
         if any(data.losses.values()):
             plot_losses(data.losses, out_dir / "losses.png")
             md.append("## Training loss\n\n![losses](losses.png)\n")
+        if len(data.diagnostics):
+            md += _diagnostics_section(data.diagnostics, out_dir)
         if len(data.stage_times):
             md += _stage_times_section(data.stage_times, out_dir)
     md += list(sections)
@@ -289,6 +293,59 @@ def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str
     if tracker is not None:
         tracker.log_artifact(out_dir, "report", run_id=run_id)
     return path
+
+
+# figure of harness.stages.diagnostics -> its column in the report's pivot, in reading order
+DIAGNOSTIC_COLUMNS = {"share_usable": "usable", "share_next_span_differs": "next span differs",
+                      "share_not_one_to_one": "not 1-1", "share_token_mismatch": "token mismatch",
+                      "share_unmapped_ids": "unmapped ids", "coverage": "coverage",
+                      "target_coverage": "target coverage",
+                      "teacher_nll": "teacher nats", "target_nll": "target nats", "mix_gain_nats": "mix gain",
+                      "topk_mass": "top-k mass", "picked": "picked", "mean_weight": "mean weight"}
+DIAGNOSTICS_HOWTO = (
+    "One row per model and corpus domain of the training documents (`all`: every domain); the sources' rows "
+    "describe what their aligned distributions bring, the target's row its own top-k and how often it is picked. "
+    "`positions` counts the target positions that predict a token; the next five columns split them: `usable` "
+    "and `next span differs` carry the source's distribution into the fusion loss (the second about another unit "
+    "of text than the target's next token), the other three fall back. Many `not 1-1` positions point to the "
+    "**alignment** (the tokenizations cut the text differently); many `token mismatch` or `unmapped ids` to the "
+    "**vocabulary map** (the aligned source token maps to another target token, or none of its top-k does). "
+    "`coverage` is how often the gold next token is in the source's aligned row (`target coverage`: in the "
+    "target's own top-k), over the carried positions; `teacher nats` beside `target nats` compare the two on the "
+    "positions where both hold the gold token (the teacher renormalised over its row, as the loss uses it), and "
+    "`mix gain` is the change in the target's nats per token from mixing 10% of the teacher in (negative: the "
+    "teacher adds information). `picked` (share of the domain's documents whose lowest score is this model, "
+    "MinCE's choice) and `mean weight` point to the **candidate choice**: a source strong on its domain but "
+    "rarely picked there is lost by the score. `top-k mass` (each model on its own tokenization) points to "
+    "**truncation**: the fusion renormalises the top-k, so a low mass makes the teacher overconfident. When these "
+    "look healthy and FuseLLM still does not beat CLM-only, suspect the **training budget**.\n")
+
+
+def diagnostics_table(diagnostics: pd.DataFrame) -> pd.DataFrame:
+    """The fusion diagnostics' long table (harness.stages.diagnostics) as a pivot: rows (model, domain) in
+    the table's order, columns `positions` then DIAGNOSTIC_COLUMNS (`picked` as a share of the documents)."""
+    d = diagnostics.copy()
+    picked = d["figure"] == "picked"
+    d.loc[picked, "value"] = d.loc[picked, "value"] / d.loc[picked, "n"].where(d.loc[picked, "n"] > 0)
+    rows = list(dict.fromkeys(zip(d["source"], d["domain"])))
+    models = list(dict.fromkeys(m for m, _ in rows))
+    rows.sort(key=lambda r: (models.index(r[0]), r[1] == "all"))  # stable: domains in table order, "all" last
+    index = pd.MultiIndex.from_tuples(rows, names=["model", "domain"])
+    table = d.set_index(["source", "domain", "figure"])["value"].unstack("figure").reindex(index)
+    positions = d[d["figure"] == "share_usable"].set_index(["source", "domain"])["n"]
+    out = pd.DataFrame({"positions": positions.reindex(table.index).astype("Int64").values}, index=table.index)
+    for figure, column in DIAGNOSTIC_COLUMNS.items():
+        out[column] = table[figure] if figure in table.columns else float("nan")
+    return out
+
+
+def _diagnostics_section(diagnostics: pd.DataFrame, out_dir: Path) -> list[str]:
+    diagnostics.to_csv(out_dir / "diagnostics.csv", index=False)
+    shown = diagnostics_table(diagnostics)
+    shown = shown.reset_index().astype(object)
+    shown = shown.where(shown.notna(), None)  # a figure with no positions to count is blank, not "nan"
+    return ["## Fusion diagnostics\n", DIAGNOSTICS_HOWTO,
+            shown.to_markdown(index=False, floatfmt=".3g", missingval="") + "\n"]
 
 
 def _stage_times_section(stage_times: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -321,7 +378,7 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
                              "pipeline (use the run of `fuselab run`, or a study), or it was logged by FuseLab "
                              "before 0.3 (rerun it: the stages are cached)") from None
     return ExperimentData(run.info.run_name or run_id, res.results, res.eval_long, res.losses, res.stage_times,
-                          res.intervals, res.comparisons)
+                          res.intervals, res.comparisons, res.diagnostics)
 
 
 def _runs_frame(runs) -> pd.DataFrame:

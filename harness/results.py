@@ -7,6 +7,8 @@
 - `intervals.csv` (every score's bootstrap interval) and `comparisons.csv` (paired tests vs the target and
   CLM-only): harness.stats.
 - losses (`losses.json`): {curve: [[step, nats/token]]}; stage times (`stage_times.csv`): stage, seconds, cached.
+- `diagnostics.csv`: the fusion diagnostics of the FuseLLM set, long form (source, domain, figure, value, n:
+  harness.stages.diagnostics); empty when the experiment has none.
 
 `ExperimentResult.save(folder)` writes these files and `ExperimentResult.load(folder)` reads them back; the
 pipeline writes them to the run folder and logs that folder to MLflow once (artifact folder `results/`), and
@@ -24,7 +26,8 @@ import pandas as pd
 
 LONG_COLUMNS = ["model", "suite", "task", "metric", "value", "stderr", "n"]  # every long-format row has these
 RESULTS_DIR = "results"  # the MLflow artifact folder of an experiment run's results
-TABLES = ("results", "eval_long", "intervals", "comparisons", "stage_times")
+TABLES = ("results", "eval_long", "intervals", "comparisons", "stage_times", "diagnostics")
+DIAGNOSTICS_COLUMNS = ["source", "domain", "figure", "value", "n"]  # harness.stages.diagnostics
 
 
 def summarize(long: pd.DataFrame, models: list[str] | None = None) -> pd.DataFrame:
@@ -95,6 +98,10 @@ def _empty_times() -> pd.DataFrame:
     return pd.DataFrame(columns=["stage", "seconds", "cached"])
 
 
+def _empty_diagnostics() -> pd.DataFrame:
+    return pd.DataFrame(columns=DIAGNOSTICS_COLUMNS)
+
+
 @dataclass
 class ExperimentResult:
     """An experiment's results: what the report is made from, in memory, on disk (`save`/`load`) and in MLflow.
@@ -114,6 +121,7 @@ class ExperimentResult:
     stage_times: pd.DataFrame = field(default_factory=_empty_times)
     intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
     comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
+    diagnostics: pd.DataFrame = field(default_factory=_empty_diagnostics)  # fusion diagnostics, long form
 
     def save(self, folder: Path) -> list[Path]:
         """Write every table (TABLES, as CSV), losses.json and timings.json into `folder`; -> the files."""
@@ -142,6 +150,8 @@ class ExperimentResult:
 
         losses = {k: [(int(s), float(v)) for s, v in pts] for k, pts in js("losses.json").items()}
         tables = {name: csv(name) for name in TABLES}
+        diagnostics = tables["diagnostics"] if len(tables["diagnostics"].columns) else _empty_diagnostics()
         return cls(None, tables["results"], tables["eval_long"], metrics_of(tables["results"]), losses,
                    js("timings.json"), folder, stage_times=tables["stage_times"] if len(tables["stage_times"])
-                   else _empty_times(), intervals=tables["intervals"], comparisons=tables["comparisons"])
+                   else _empty_times(), intervals=tables["intervals"], comparisons=tables["comparisons"],
+                   diagnostics=diagnostics)
