@@ -3,10 +3,11 @@
 Every stage output is a directory `<root>/<stage>/<key>/`. The key is the hash of the stage's own
 settings and its inputs' keys, so changing lambda retrains without re-extracting distributions.
 
-Writing: outputs are built in `<root>/<stage>/.tmp-<key>-<pid>-<ns>/`; when the build returns, `_meta.json`,
-then `_MANIFEST.json` (every file's relative path, size in bytes and sha256, plus the digests of the input
-stages it was built from), then the `_COMPLETE` marker are written and fsynced, and the folder is renamed
-into place. A run killed at any point (even `kill -9`) leaves no directory that looks complete.
+Writing: outputs are built in `<root>/<stage>/.<key>.tmp-<pid>-<hex>/` (`fusion.publish.publish_dir`); when
+the build returns, `_meta.json`, then `_MANIFEST.json` (every file's relative path, size in bytes and sha256, plus
+the digests of the input stages it was built from), then the `_COMPLETE` marker are written, the tree is fsynced,
+and the folder is renamed into place. A run killed at any point (even `kill -9`) leaves no directory that looks
+complete.
 
 Reading: `status(key)` checks a stage against its manifest: cheaply by default (every listed file present
 with its recorded size, no file added but the caches `datasets` writes next to a saved dataset), by content
@@ -22,19 +23,18 @@ other and reuse each other's outputs; publishing never crashes on a concurrent p
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from fusion.publish import discard as discard_dir, publish_dir, publish_file, remove_stale
 from harness.config import stable_hash
 from harness.processes import pid_alive
 
@@ -221,16 +221,8 @@ class StageCache:
     def discard(self, key: StageKey) -> None:
         """Remove a stage (e.g. corrupt) so it is built again: renamed aside first, so no reader ever sees a
         half-deleted folder that still looks complete."""
-        final = self.path(key)
         self._verified.pop(key, None)
-        if not final.exists():
-            return
-        aside = final.parent / f".discard-{key.key}-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            os.rename(final, aside)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(aside, ignore_errors=True)
+        discard_dir(self.path(key))
 
     def stage_keys(self) -> list[StageKey]:
         """Every complete stage folder under the root (any config)."""
@@ -273,60 +265,22 @@ class StageCache:
         """
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key.key}-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir()
-        try:
+        # an incomplete folder in the way (written in place by an old version) is replaced
+        pub = publish_dir(final, exist_ok=True, is_complete=lambda p: (p / COMPLETE).is_file(),
+                          replace_incomplete=True)
+        with pub as tmp:
             yield tmp
             (tmp / META).write_text(json.dumps({"key": str(key), **(meta or {})}, indent=2, default=str))
             man = build_manifest(tmp, inputs, volatile)
             (tmp / MANIFEST).write_text(json.dumps(man, indent=1))
-            _fsync_tree(tmp)
             (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _fsync_file(tmp / COMPLETE)
-            if self._publish(tmp, final):
-                self._verified[key] = man["digest"]
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _publish(self, tmp: Path, final: Path) -> bool:
-        """Rename `tmp` to `final`; False when a concurrent publisher's complete copy was there first."""
-        for _ in range(5):
-            try:
-                os.rename(tmp, final)  # atomic; replaces only an empty directory
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                if (final / COMPLETE).is_file():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return False
-                # an incomplete folder in the way (written in place by an old version): move it aside, retry
-                aside = final.parent / f".discard-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
-                try:
-                    os.rename(final, aside)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc2:
-                    if exc2.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                shutil.rmtree(aside, ignore_errors=True)
-                continue
-            _fsync_file(final.parent)
-            return True
-        raise RuntimeError(f"cannot publish {tmp} as {final}: the folder kept changing under concurrent writers")
+        if pub.published:
+            self._verified[key] = man["digest"]
 
     def clean_stale(self) -> int:
-        """Remove leftovers of killed runs (`.tmp-*` / `.discard-*` dirs of processes that no longer exist)."""
-        removed = 0
-        for tmp in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/.discard-*")]:
-            try:
-                pid = int(tmp.name.split("-")[2])
-            except (IndexError, ValueError):
-                continue
-            if not pid_alive(pid):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed += 1
-        return removed
+        """Remove leftovers of killed runs (temporary and discarded stage folders of processes that no longer
+        exist); -> how many."""
+        return sum(remove_stale(d, pid_alive) for d in self.root.iterdir() if d.is_dir())
 
     def get_or_build(self, key: StageKey, build, meta: dict | None = None, *, full: bool = False,
                      inputs: dict[str, str | None] | None = None) -> tuple[Path, bool]:
@@ -397,9 +351,8 @@ class FileHashes:
                 data = self._load()
                 old = data.get(name)
                 data[name] = {**old, **rec} if old and old.get("version") == version else rec
-                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
-                os.replace(tmp, self.path)
+                with publish_file(self.path, fsync=False) as tmp:
+                    tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -411,22 +364,3 @@ class FileHashes:
             self.put(file, "sha256", cached)
         return cached
 
-
-def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync_file(Path(dirpath) / f)
-        _fsync_file(Path(dirpath))

@@ -28,7 +28,8 @@ def test_temp_sibling_is_hidden_next_to_final_and_names_this_process(tmp_path):
     tmp = temp_sibling(tmp_path / "model")
     assert tmp.parent == tmp_path
     assert re.fullmatch(rf"\.model\.tmp-{os.getpid()}-[0-9a-f]{{8}}", tmp.name)
-    assert re.fullmatch(rf"\.model\.discard-{os.getpid()}-[0-9a-f]{{8}}", temp_sibling(tmp_path / "model", "discard").name)
+    discarded = temp_sibling(tmp_path / "model", "discard").name
+    assert re.fullmatch(rf"\.model\.discard-{os.getpid()}-[0-9a-f]{{8}}", discarded)
     assert temp_sibling(tmp_path / "model") != tmp  # a fresh name per call
 
 

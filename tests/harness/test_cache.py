@@ -92,7 +92,7 @@ def test_killed_mid_stage_resumes_to_same_outputs(tmp_path):
     c = StageCache(root)
     assert c.exists(c.key("stage", {"i": 0}))
     assert not c.exists(c.key("stage", {"i": 1}))
-    assert len(list((root / "stage").glob(".tmp-*"))) == 1  # the killed stage's leftover, never read
+    assert len(list((root / "stage").glob(".*.tmp-*"))) == 1  # the killed stage's leftover, never read
     out = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "DONE"
     # stage 0 was not rebuilt; stage 1 was restarted, stage 2 built once
@@ -274,7 +274,7 @@ def _run_writers(tmp_path: Path, mode: str, n_proc: int = 6, n_keys: int = 300) 
     for i in range(n_keys):
         key = c.key("stage", {"i": i})
         assert c.status(key, full=True).state == "ok" and (c.path(key) / "v.txt").read_text() == f"value {i}"
-    assert not list((root / "stage").glob(".tmp-*"))  # every losing copy was discarded
+    assert not list((root / "stage").glob(".*.tmp-*"))  # every losing copy was discarded
     return int(out.stdout.split()[1])
 
 
