@@ -20,12 +20,11 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion.publish import publish_dir, publish_file
 from harness.models import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -188,21 +187,15 @@ def assemble_gguf(name: str, cache_dir: str | Path) -> Path:
         if final.stat().st_size == spec.gguf_bytes:
             return final
         final.unlink()
-    tmp = out_dir / f".tmp-{spec.gguf_name}-{os.getpid()}-{time.monotonic_ns()}"
     h = hashlib.sha256()
-    try:
+    with publish_file(final) as tmp:
         with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as fh:
                     while block := fh.read(_CHUNK):
                         h.update(block)
                         out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
         _check_digest(spec, h.hexdigest(), tmp)
-        os.rename(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     return final
 
 
@@ -245,23 +238,18 @@ def gguf_to_hf_folder(gguf_path: str | Path, cache_dir: str | Path, sha256: str 
     if _complete(folder, digest):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
+    # a concurrent conversion that finished first is kept; a leftover without provenance is replaced
+    pub = publish_dir(folder, exist_ok=True, fsync=False, is_complete=lambda p: _complete(p, digest),
+                      replace_incomplete=True)
+    with pub as tmp:
         t0 = time.perf_counter()
         info = convert_gguf(gguf_path, tmp)
         info.update(source=str(gguf_path), sha256=digest, convert_seconds=round(time.perf_counter() - t0, 2),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         # provenance is written last: its presence marks the folder complete
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
-        if folder.exists():  # a concurrent conversion finished first, or a leftover without provenance
-            if _complete(folder, digest):
-                return folder
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not pub.published:
+        return folder
     log.info("converted %s -> %s in %.1f s", gguf_path.name, folder, info["convert_seconds"])
     return folder
 

@@ -137,7 +137,7 @@ def test_gguf_conversion_is_cached_and_atomic(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setattr(packaged, "convert_gguf", killed)
     with pytest.raises(KeyboardInterrupt):
         packaged.gguf_to_hf_folder(path, cache_dir=tmp_path)
-    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(f".{first.name}.tmp-")]
     monkeypatch.undo()
     again = packaged.gguf_to_hf_folder(path, cache_dir=tmp_path)
     assert (again / packaged.PROVENANCE).is_file()
