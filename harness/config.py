@@ -478,10 +478,13 @@ class PerplexitySpec(_Strict):
     window: int = Field(256, ge=8)
     stride: int = Field(128, ge=1)
     max_docs_per_domain: int | None = 20
+    # fusion.windows: FuseLab's strided windows, or lm-eval's loglikelihood_rolling ones (window = its
+    # max_length; stride unused)
+    convention: Literal["strided", "lm_eval_rolling"] = "strided"
 
     @model_validator(mode="after")
     def _stride_fits(self):
-        if self.stride > self.window:
+        if self.convention == "strided" and self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) must be <= window ({self.window})")
         return self
 

@@ -232,6 +232,20 @@ def _fmt(df: pd.DataFrame, digits: int = 4) -> str:
     return df.to_markdown(floatfmt=f".{digits}g") + "\n"
 
 
+def bpb_windows_line(eval_long: pd.DataFrame) -> list[str]:
+    """The line under the results table naming the windows its bits per byte were scored with: the long format's
+    `windows` column (fusion.windows.describe_windows); results made before that column had FuseLab's strided
+    windows. [] when there is no bits per byte."""
+    if not len(eval_long) or "suite" not in eval_long.columns:
+        return []
+    bpb = eval_long[(eval_long["suite"] == "perplexity") & (eval_long["metric"] == "bits_per_byte")]
+    if not len(bpb):
+        return []
+    labels = list(dict.fromkeys(bpb["windows"].dropna())) if "windows" in bpb.columns else []
+    said = "; ".join(labels) if labels else "FuseLab strided windows (window and stride not recorded)"
+    return [f"Bits per byte scored with {said}.\n"]
+
+
 def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str | None = None,
                  title: str | None = None, per_task: bool = True, sections: list[str] = ()) -> Path:
     """Write `report.md` + tables (CSV) + plots (PNG) into `out_dir` for an experiment (`result`:
@@ -260,6 +274,7 @@ def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str
                    shown.to_markdown() + "\n"]
         else:
             md.append(_fmt(table[score_cols]))
+        md += bpb_windows_line(data.eval_long)
         if len(gain_cols) > 1:
             md += ["## Relative gain (%)\n", "Positive = better (for bpb: the reduction).\n", _fmt(table[gain_cols], 3)]
         if len(data.comparisons):

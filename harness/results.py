@@ -1,7 +1,8 @@
 """The one results schema of an experiment.
 
 - long format (`eval_long.csv`): one row per (model, suite, task, metric): model (a contestant's label, or one
-  expert of a pool), suite, task, metric, value, stderr (lm-eval's), n; bits per byte are suite `perplexity`.
+  expert of a pool), suite, task, metric, value, stderr (lm-eval's), n; bits per byte are suite `perplexity`
+  (task: the domain), their rows with a `windows` column naming the windows (fusion.windows.describe_windows).
 - table (`results.csv`): `summarize(long)`, one row per model in contestant order: model, method, each suite's
   average of its tasks' primary metric (0-1), `bpb_<domain>` bits per byte on held-out text and `bpb_avg`.
 - `intervals.csv` (every score's bootstrap interval) and `comparisons.csv` (paired tests vs the target and

@@ -236,8 +236,8 @@ class EnsembleLM(LM):
         """Ensemble negative log-likelihood (nats) of `text` on the pivot tokenization, scored window by window.
 
         Positions are those of [pivot prefix token] + pivot tokens of `text` (position p > 0 is text token p-1);
-        `windows` is a list of (begin, end, first_scored) over them, as harness.evaluation.perplexity's
-        sliding_windows makes, and every position in [first_scored, end) is scored with the positions
+        `windows` is a list of (begin, end, first_scored) over them, as fusion.windows.plan_windows makes (either
+        convention), and every position in [first_scored, end) is scored with the positions
         [begin, position) as context. -> (nats, number of pivot tokens in the text).
         """
         segments, n = window_segments(self.pivot_tokenizer, self.pivot_prefix_id, text, windows)

@@ -1,16 +1,17 @@
 """Scoring units on the pivot tokenization: a text, its pivot tokens, and the positions to score.
 
 A request becomes one segment (`pair_segment`, lm-eval's loglikelihood) or several windows of one text
-(`rolling_segments`, lm-eval's disjoint rolling windows; `window_segments`, perplexity's sliding windows).
+(`rolling_segments`, lm-eval's disjoint rolling windows; `window_segments`, any plan of fusion.windows): both
+one `_segments` over a window plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from lm_eval import utils as lm_utils
 
 from fusion.tokens import TokenizedText, tokenize_document
+from fusion.windows import plan_windows
 
 
 @dataclass
@@ -78,39 +79,23 @@ def pair_segment(tokenizer, prefix_id: int, start_ids: list[int], context: str, 
 
 def rolling_segments(tokenizer, prefix_id: int, max_length: int, text: str) -> list[Segment]:
     """The segments scoring every pivot token of `text` once, conditioned on the prefix token: lm-eval's
-    disjoint rolling windows of at most `max_length` positions."""
+    disjoint rolling windows of at most `max_length` positions read per pass (fusion.windows, lm_eval_rolling)."""
     whole = tokenize_document(tokenizer, text, add_eos=False)
-    n = len(whole)
-    if n == 0:
-        return []
-    # lm-eval's own windowing over token *indices*, so every window knows its character span
-    windows = map(lm_utils.make_disjoint_window,
-                  lm_utils.get_rolling_token_windows(token_list=list(range(n)), prefix_token=-1,
-                                                     max_seq_len=max_length, context_len=1))
-    segments = []
-    for context, pred in windows:
-        inputs = (context + pred)[:-1]
-        if inputs and inputs[0] == -1:
-            sub_text, sub = slice_tokens(whole, 0, pred[-1] + 1, text)
-            start, member_start = [prefix_id], "prefix"
-            first = 0
-        else:
-            sub_text, sub = slice_tokens(whole, inputs[0], pred[-1] + 1, text)
-            start, member_start = [], "none"
-            first = inputs[0]
-        # the positions predicting pred tokens, in this segment's numbering
-        offset = len(start) - first
-        scored = np.asarray([p + offset - 1 for p in pred], dtype=np.int64)
-        segments.append(Segment(text=sub_text, pivot=sub, pivot_start=start, member_start=member_start,
-                                scored=scored))
-    return segments
+    return _segments(whole, prefix_id, text,
+                     plan_windows(len(whole) + 1, max_length, convention="lm_eval_rolling"))
 
 
 def window_segments(tokenizer, prefix_id: int, text: str, windows) -> tuple[list[Segment], int]:
-    """Segments for perplexity windows over [prefix token] + pivot tokens of `text` (position p > 0 is text
-    token p-1): each (begin, end, first_scored) scores [first_scored, end) with [begin, position) as context.
-    -> (segments, number of pivot tokens in the text)."""
+    """Segments for windows (fusion.windows.plan_windows) over [prefix token] + pivot tokens of `text` (position
+    p > 0 is text token p-1): each (begin, end, first_scored) scores [first_scored, end) with [begin, position)
+    as context. -> (segments, number of pivot tokens in the text)."""
     whole = tokenize_document(tokenizer, text, add_eos=False)
+    return _segments(whole, prefix_id, text, windows), len(whole)
+
+
+def _segments(whole: TokenizedText, prefix_id: int, text: str, windows) -> list[Segment]:
+    """One segment per window over [prefix token] + `whole` (the pivot tokens of `text`); a segment holds the
+    window's positions [begin, end) (the last one only as a target)."""
     n = len(whole)
     segments = []
     for begin, end, first in windows:
@@ -126,4 +111,4 @@ def window_segments(tokenizer, prefix_id: int, text: str, windows) -> tuple[list
         scored = np.arange(first - 1 - shift, end - 1 - shift, dtype=np.int64)
         segments.append(Segment(text=sub_text, pivot=sub, pivot_start=start, member_start=member_start,
                                 scored=scored))
-    return segments, n
+    return segments

@@ -5,11 +5,13 @@ tokenizer's BOS (or EOS when it has no BOS, as for GPT-2 style tokenizers: EOS i
 model saw in training). Every token of the text is scored, no EOS is appended (its cost is not tied to any byte).
 A tokenizer with neither BOS nor EOS leaves the first text token unscored (it has no context).
 
-Windows: a text of N positions (context token included) is cut into windows starting at 0, stride, 2*stride, ...
-(never later than the position before the first unscored one, which matters when stride == window) of up to
-`window` positions; a window scores only the tokens after the previous window's end, so each token is
-scored exactly once, the first scored token of a later window with (window - stride) tokens of context. Per-window
-sums are accumulated in float64 in window order, so any batch_size gives the same totals (up to matmul rounding).
+Windows (fusion.windows.plan_windows, over the N positions of a text, its context token included): `convention`
+"strided" (FuseLab's, the default) cuts it into windows starting at 0, stride, 2*stride, ... of up to `window`
+positions, each scoring only the tokens after the previous window's end; "lm_eval_rolling" uses lm-eval's
+`loglikelihood_rolling` windows (disjoint, `window` = lm-eval's max_length, the last window with full context;
+stride unused), so its totals equal lm-eval's HFLM on the same text. Either way each token is scored exactly
+once. Per-window sums are accumulated in float64 in window order, so any batch_size gives the same totals (up
+to matmul rounding).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import math
 
 import pandas as pd
 import torch
+
+from fusion.windows import plan_windows
 
 
 def _context_token(tokenizer) -> int | None:
@@ -35,33 +39,18 @@ def _model_max_positions(model) -> int | None:
     return None
 
 
-def sliding_windows(n_positions: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) per window over positions [0, n_positions): position 0 is never a target; the
-    targets of a window are positions [first_scored, end), disjoint across windows and covering 1..n_positions-1."""
-    if not 0 < stride <= window:
-        raise ValueError(f"perplexity: need 0 < stride <= window, got window={window}, stride={stride}")
-    windows, begin, scored_until = [], 0, 1
-    while scored_until < n_positions:
-        end = min(begin + window, n_positions)
-        if end > scored_until:
-            windows.append((begin, end, scored_until))
-            scored_until = end
-        # the first target of the next window needs its predecessor inside it (stride == window would
-        # otherwise start a window on its first target, with nothing to predict it from)
-        begin = min(begin + stride, scored_until - 1)
-    return windows
-
-
 @torch.inference_mode()
 def _window_nll(model, batch: list[list[int]], first_targets: list[int], pad_id: int, device) -> list[float]:
-    length = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    """Summed nll (nats) per window: `batch` holds each window's positions [start, end) (the model reads all but
+    the last), first_targets the offset of its first scored one."""
+    length = max(len(ids) for ids in batch) - 1
+    input_ids = torch.full((len(batch), length + 1), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), length), dtype=torch.long)
     for row, ids in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        attention[row, : len(ids) - 1] = 1
+    logits = model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
     targets = input_ids[:, 1:].to(device)
     token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
     sums = []
@@ -82,15 +71,17 @@ def _domain_rows(domain: str, nll: float, n_tokens: int, n_bytes: int) -> dict:
 
 def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]], *, window: int = 256,
                          stride: int = 128, batch_size: int = 8, per_document: bool = False,
-                         progress: bool | str = False):
+                         progress: bool | str = False, convention: str = "strided"):
     """Score held-out texts per domain with an HF causal LM.
 
     Returns one row per domain: domain, n_tokens (scored tokens), n_bytes (utf-8 bytes of the texts),
     nll_nats (total negative log-likelihood, nats), token_perplexity = exp(nll_nats / n_tokens),
     bits_per_byte = nll_nats / (ln 2 * n_bytes) (the figure comparable across tokenizers).
-    window/stride are in tokens; batch_size is windows per forward pass and does not change the result.
-    per_document=True returns (that frame, one row per text: domain, doc (its index in the domain's list),
-    n_tokens, n_bytes, nll_nats): the units bootstrap intervals and paired tests of bits per byte resample.
+    window/stride are in tokens; convention names the windows (fusion.windows.CONVENTIONS: "strided", FuseLab's;
+    "lm_eval_rolling", lm-eval's loglikelihood_rolling: window = its max_length, stride unused); batch_size is
+    windows per forward pass and does not change the result. per_document=True returns (that frame, one row per
+    text: domain, doc (its index in the domain's list), n_tokens, n_bytes, nll_nats): the units bootstrap
+    intervals and paired tests of bits per byte resample.
     progress: a bar over the windows (a string names it, e.g. the model's label).
     """
     max_positions = _model_max_positions(model)
@@ -98,14 +89,15 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
         raise ValueError(f"perplexity: window={window} exceeds the model's {max_positions} positions; lower window")
     if batch_size < 1:
         raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}")
+    plan_windows(0, window, stride, convention)  # the settings checked before any work
     model.eval()
     device = next(model.parameters()).device
     context = _context_token(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (context or 0)
     rows, doc_rows = [], []
     bar = _bar(progress, lambda: sum(
-        len(sliding_windows(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + (context is not None),
-                            window, stride)) for texts in texts_by_domain.values() for t in texts))
+        len(plan_windows(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + (context is not None),
+                         window, stride, convention)) for texts in texts_by_domain.values() for t in texts))
     for domain, texts in texts_by_domain.items():
         jobs: list[tuple[list[int], int, int]] = []  # (window ids, first scored offset, document)
         n_tokens = n_bytes = 0
@@ -116,7 +108,7 @@ def perplexity_by_domain(model, tokenizer, texts_by_domain: dict[str, list[str]]
             n_tokens += len(sequence) - 1
             doc_rows.append({"domain": domain, "doc": doc, "n_tokens": len(sequence) - 1,
                              "n_bytes": len(text.encode("utf-8")), "nll_nats": 0.0})
-            for begin, end, first in sliding_windows(len(sequence), window, stride):
+            for begin, end, first in plan_windows(len(sequence), window, stride, convention):
                 jobs.append((sequence[begin:end], first - begin, doc))
         sums: list[float] = []
         for start in range(0, len(jobs), batch_size):
@@ -154,17 +146,19 @@ def _bar(progress: bool | str, total):
 
 
 def lm_perplexity_by_domain(lm, texts_by_domain: dict[str, list[str]], *, window: int = 256,
-                            stride: int = 128, per_document: bool = False, progress: bool | str = False):
+                            stride: int = 128, per_document: bool = False, progress: bool | str = False,
+                            convention: str = "strided"):
     """perplexity_by_domain for a model that scores text itself on a pivot tokenization (the output ensemble:
     baselines.ensemble.EnsembleLM.windowed_nll), with the same windows, the same first-token convention and
     the same columns (and the same per-document frame with per_document=True); token_perplexity is per pivot
     token. progress: a bar over the windows (a string names it)."""
+    plan_windows(0, window, stride, convention)  # the settings checked before any work
     rows, doc_rows = [], []
 
     def n_windows(text: str) -> int:
         # positions: the pivot's context token + its tokens of the text
-        return len(sliding_windows(len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"]) + 1,
-                                   window, stride))
+        return len(plan_windows(len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"]) + 1,
+                                window, stride, convention))
 
     bar = _bar(progress, lambda: sum(n_windows(t) for texts in texts_by_domain.values() for t in texts))
     for domain, texts in texts_by_domain.items():
@@ -172,7 +166,7 @@ def lm_perplexity_by_domain(lm, texts_by_domain: dict[str, list[str]], *, window
         for doc, text in enumerate(texts):
             # positions: the pivot's context token + its tokens of the text
             n_text = len(lm.pivot_tokenizer(text, add_special_tokens=False)["input_ids"])
-            windows = sliding_windows(n_text + 1, window, stride)
+            windows = plan_windows(n_text + 1, window, stride, convention)
             nll, n = lm.windowed_nll(text, windows)
             if bar is not None:
                 bar.update(len(windows))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fusion.windows import plan_windows
+
 from .corpus import DOMAINS
 from .tokenizer import train_tokenizer
 
@@ -142,13 +144,14 @@ def heldout_bits_per_byte(model, tokenizer, texts: list[str], seq_len: int, batc
     """Bits per byte of `texts`: sum of next-token nats / (ln 2 * utf-8 bytes), all texts pooled.
 
     Each text is tokenized without BOS and with EOS appended; token 0 is not predicted, every later
-    token (EOS included) is, in non-overlapping windows of `seq_len` predictions.
+    token (EOS included) is, in non-overlapping windows of `seq_len` predictions: FuseLab's strided windows
+    (fusion.windows) of seq_len + 1 positions with stride seq_len, each scoring every target it holds.
     """
     windows: list[torch.Tensor] = []
     for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
         ids = torch.tensor(encoding.ids + [tokenizer.eos_token_id], dtype=torch.long)
-        for start in range(0, len(ids) - 1, seq_len):
-            windows.append(ids[start: start + seq_len + 1])
+        for start, end, _ in plan_windows(len(ids), seq_len + 1, seq_len, "strided"):
+            windows.append(ids[start:end])
     total_nats = 0.0
     windows.sort(key=len)  # equal lengths side by side -> dense batches without padding
     i = 0

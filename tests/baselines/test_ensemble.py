@@ -398,3 +398,23 @@ def test_windowed_perplexity_of_shared_tokenizer_members_is_the_mixture(llamas, 
     nll = -sum(w for w, _ in want)
     assert float(got["nll_nats"][0]) == pytest.approx(nll, abs=1e-4)
     assert float(got["bits_per_byte"][0]) == pytest.approx(nll / math.log(2) / sum(len(t.encode()) for t in TEXTS))
+
+
+def test_windowed_perplexity_with_lm_eval_windows_is_the_ensembles_loglikelihood_rolling(llamas, gpt2, sp_tokenizer,
+                                                                                        bpe_tokenizer):
+    """One window plan (fusion.windows) for both: perplexity with convention lm_eval_rolling at the ensemble's
+    max_length scores each text as the ensemble's own loglikelihood_rolling does, across tokenizers too."""
+    from harness.evaluation.perplexity import lm_perplexity_by_domain, perplexity_by_domain
+
+    texts = TEXTS + [PAIRS[2][0] + PAIRS[2][1]]
+    for members in ([(llamas[0], sp_tokenizer)], [(llamas[0], sp_tokenizer), (gpt2, bpe_tokenizer)]):
+        ens = EnsembleLM(members, vocab_map="mined", top_k=5, max_length=5, batch_size=2)  # 5: several windows
+        _, docs = lm_perplexity_by_domain(ens, {"d": texts}, window=5, per_document=True,
+                                          convention="lm_eval_rolling")
+        rolled = ens.loglikelihood_rolling(rolling_requests(texts))
+        assert np.allclose(docs.nll_nats, [-r for r in rolled], rtol=0, atol=1e-5)  # rolling sums in float32
+    # one member: the model's own perplexity under the same windows
+    ens = EnsembleLM([(llamas[0], sp_tokenizer)], batch_size=3)
+    got = lm_perplexity_by_domain(ens, {"d": texts}, window=6, convention="lm_eval_rolling")
+    want = perplexity_by_domain(llamas[0], sp_tokenizer, {"d": texts}, window=6, convention="lm_eval_rolling")
+    assert float(got.nll_nats[0]) == pytest.approx(float(want.nll_nats[0]), abs=1e-4)

@@ -305,3 +305,20 @@ def test_killed_build_leaves_nothing_complete_and_rebuild_is_identical(micro_wor
     for data in (micro_world.tasks_dir / "data").iterdir():
         assert (rebuilt.tasks_dir / "data" / data.name).read_bytes() == data.read_bytes()
     assert rebuilt.info["validation_bpb"] == micro_world.info["validation_bpb"]
+
+
+def test_heldout_bits_per_byte_reproduces_the_recorded_build_figures(micro_world: MicroWorld):
+    """heldout_bits_per_byte takes its windows from fusion.windows (strided, seq_len + 1 positions, stride
+    seq_len): the figures the build recorded come out bit for bit, so the world's numbers did not move."""
+    from harness.micro import heldout_bits_per_byte
+
+    torch.set_num_threads(1)
+    validation_rows = micro_world.corpus("validation")
+    seq_len = micro_world.info["sizes"]["train"]["seq_len"]
+    for name, folder in micro_world.models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        own = micro_world.specialty[name]
+        got = heldout_bits_per_byte(model, tokenizer, [r["text"] for r in validation_rows if r["domain"] == own],
+                                    seq_len)
+        assert got == micro_world.info["validation_bpb"][name][own]

@@ -1,4 +1,5 @@
-"""Perplexity per domain: exact against a direct forward pass, batch-size invariant, each token scored once."""
+"""Perplexity per domain: exact against a direct forward pass, batch-size invariant, each token scored once;
+with lm-eval's rolling windows, equal to lm-eval's own loglikelihood_rolling."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import tiny
+from fusion.windows import plan_windows
 from harness.evaluation import minipile_texts, perplexity_by_domain
-from harness.evaluation.perplexity import sliding_windows
 
 torch.set_num_threads(1)
 
@@ -22,19 +23,6 @@ TEXTS = {
 @pytest.fixture(scope="module")
 def llama(sp_tokenizer):
     return tiny.tiny_model("llama", sp_tokenizer, seed=0)
-
-
-def test_sliding_windows_score_each_position_once():
-    assert sliding_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
-    assert sliding_windows(3, 8, 4) == [(0, 3, 1)]
-    # stride == window: each later window starts one position early, so its first target has a predecessor
-    assert sliding_windows(10, 4, 4) == [(0, 4, 1), (3, 7, 4), (6, 10, 7)]
-    for n, window, stride in [(1, 4, 2), (2, 4, 4), (37, 8, 3), (100, 16, 16)]:
-        scored = [t for _, end, first in sliding_windows(n, window, stride) for t in range(first, end)]
-        assert scored == list(range(1, n))
-        assert all(begin < first for begin, _, first in sliding_windows(n, window, stride))
-    with pytest.raises(ValueError, match="stride"):
-        sliding_windows(10, 4, 5)
 
 
 def test_matches_a_direct_forward_pass_when_the_window_covers_the_text(llama, sp_tokenizer):
@@ -57,7 +45,7 @@ def test_short_windows_score_every_token_with_limited_context(llama, sp_tokenize
     window, stride = 8, 4
     expected = 0.0
     with torch.no_grad():
-        for begin, end, first in sliding_windows(len(ids), window, stride):
+        for begin, end, first in plan_windows(len(ids), window, stride):
             logprobs = torch.log_softmax(llama(input_ids=torch.tensor([ids[begin:end]])).logits[0].double(), -1)
             expected -= sum(float(logprobs[t - begin - 1, ids[t]]) for t in range(first, end))
     full = perplexity_by_domain(llama, sp_tokenizer, {"d": [text]}, window=256, stride=128).iloc[0]
@@ -99,6 +87,49 @@ def test_gpt2_style_tokenizer_uses_eos_as_context(bpe_tokenizer):
     ids = bpe_tokenizer.encode(text, add_special_tokens=False)
     row = perplexity_by_domain(model, bpe_tokenizer, {"d": [text]}).iloc[0]
     assert row.n_tokens == len(ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lm_eval_rolling_convention_is_lm_evals_loglikelihood_rolling(family, sp_tokenizer, bpe_tokenizer):
+    """convention="lm_eval_rolling" gives each text the nll lm-eval's HFLM.loglikelihood_rolling gives it, at
+    max lengths that cut every text into several windows and one that holds them whole (llama: BOS as the
+    prefix token; gpt2: EOS)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = sp_tokenizer if family == "llama" else bpe_tokenizer
+    model = tiny.tiny_model(family, tokenizer, seed=3)
+    texts = TEXTS["prose"] + TEXTS["code"]
+    for window in (3, 8, 64):
+        hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=window, device="cpu")
+        want = hflm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                           for i, t in enumerate(texts)], disable_tqdm=True)
+        _, docs = perplexity_by_domain(model, tokenizer, {"d": texts}, window=window, stride=1, batch_size=3,
+                                       per_document=True, convention="lm_eval_rolling")
+        for got, ll in zip(docs.nll_nats, want):
+            assert got == pytest.approx(-ll, rel=1e-5), (family, window)
+    # the conventions differ: FuseLab's strided windows give the same text another score
+    strided = perplexity_by_domain(model, tokenizer, {"d": texts}, window=8, stride=4).iloc[0]
+    rolling = perplexity_by_domain(model, tokenizer, {"d": texts}, window=8, convention="lm_eval_rolling").iloc[0]
+    assert strided.n_tokens == rolling.n_tokens and strided.nll_nats != pytest.approx(rolling.nll_nats, rel=1e-6)
+
+
+def test_unknown_convention_is_refused_before_any_work(llama, sp_tokenizer):
+    with pytest.raises(ValueError, match="unknown window convention 'rolling'"):
+        perplexity_by_domain(llama, sp_tokenizer, TEXTS, window=16, stride=8, convention="rolling")
+
+
+def test_config_convention_defaults_to_strided_and_frees_stride_for_lm_eval():
+    from pydantic import ValidationError
+
+    from harness.config import PerplexitySpec
+
+    assert PerplexitySpec().convention == "strided"
+    assert PerplexitySpec(window=64, stride=128, convention="lm_eval_rolling").window == 64  # stride unused
+    with pytest.raises(ValidationError, match="stride \\(128\\) must be <= window \\(64\\)"):
+        PerplexitySpec(window=64, stride=128)
+    with pytest.raises(ValidationError, match="convention"):
+        PerplexitySpec(convention="rolling")
 
 
 def test_window_longer_than_the_model_is_refused(llama, sp_tokenizer):

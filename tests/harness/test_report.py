@@ -181,6 +181,22 @@ def test_uncertainty_and_comparison_tables():
     assert c.loc[("fusellm", "target (llama-docs)"), "bpb_avg"] == ""
 
 
+
+def test_report_states_the_windows_of_its_bits_per_byte(tmp_path):
+    from harness.report import ExperimentData, bpb_windows_line, write_report
+
+    rolling = "lm-eval rolling windows (max length 512)"
+    labelled = EVAL_LONG.assign(windows=[None] * 5 + [rolling])
+    assert bpb_windows_line(labelled) == [f"Bits per byte scored with {rolling}.\n"]
+    # results from before the column: every figure then came from FuseLab's strided windows
+    assert bpb_windows_line(EVAL_LONG) == ["Bits per byte scored with FuseLab strided windows (window and stride "
+                                           "not recorded).\n"]
+    assert bpb_windows_line(EVAL_LONG[EVAL_LONG["suite"] != "perplexity"]) == []
+    text = write_report(tmp_path, ExperimentData("x", RESULTS, labelled)).read_text()
+    table_end = text.index("| merge:linear")
+    assert text.index(f"Bits per byte scored with {rolling}.") > table_end > text.index("## Results")
+    assert text.index(f"Bits per byte scored with {rolling}.") < text.index("## Relative gain")
+
 def _result(tmp: Path = Path("/nonexistent")) -> ExperimentResult:
     cfg = validate_config({"name": "report-test", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
                            "sources": [{"ref": "micro:llama-docs"}, {"ref": "micro:neox-code"}]})
