@@ -6,12 +6,10 @@ domain models and compared: identical architecture and tokenizer make the pool m
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 
+from fusion.publish import publish_dir
 from fusion.trainer import TrainSettings
 
 from .clm import clm_dataset, train_clm
@@ -55,14 +53,9 @@ def train_domain_experts(base_model_path: Path, texts_by_domain: dict[str, list[
             raise FileExistsError(f"expert folder {final} exists but holds no complete model; remove it to retrain")
         # the base's own dtype, so that the experts stay structurally identical to it
         model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype="auto")
-        tmp = out_dir / f".{domain}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with publish_dir(final, fsync=False) as tmp:
             train_clm(model, tokenizer, clm_dataset(tokenizer, texts), tmp, settings, verbose=verbose,
                       label=f"expert:{domain}")
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         del model  # one expert in memory at a time
         experts[domain] = final
     return experts

@@ -22,13 +22,11 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from fusion.publish import publish_dir
 from fusion.registry import Registry
 
 if TYPE_CHECKING:
@@ -286,20 +284,11 @@ def _run_mergekit(cfg: dict, out_path: Path, *, seed: int, device: str) -> Path:
     if out_path.exists():
         raise FileExistsError(f"merge output {out_path} already exists; remove it or choose another out_path")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with publish_dir(out_path) as tmp:
         run_merge(MergeConfiguration.model_validate(cfg), str(tmp),
                   MergeOptions(random_seed=seed, quiet=True, copy_tokenizer=True, safe_serialization=True,
                                write_model_card=False, device=device, cuda=device.startswith("cuda")))
         (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.rename(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path
 
 
