@@ -283,6 +283,41 @@ def _fmt_ablation(ab: pd.DataFrame, params: list[str]) -> pd.DataFrame:
 
 
 
+def _contestant_section(study, out_dir: Path) -> list[str]:
+    """Every contestant over the seeds (studies.seeds): mean [interval] per score, paired differences against
+    the target, CLM-only and the best merge. Empty for studies whose runs recorded no methods."""
+    from studies.seeds import contestant_table, seed_comparisons
+
+    table = contestant_table(study)
+    if not len(table):
+        return []
+    table.to_csv(out_dir / "contestants.csv", index=False)
+    params = [c for c in (study.user_attrs.get(ATTR_SEARCH_SPACE) or []) if c in table.columns]
+    shown = _fmt_ablation(table, [*params, "model", "method"]).set_index("model")
+    md = ["## Every contestant over the seeds
+",
+          "Mean [95% Student-t interval over the seeds] of each contestant's scores (n_seeds seeds; no interval "
+          "for one seed); suite columns are fractions, `bpb_*` bits per byte on held-out text (lower is better).
+",
+          _fmt(shown.drop(columns=[c for c in params if c in shown.columns]))]
+    cmp = seed_comparisons(study)
+    if len(cmp):
+        cmp.to_csv(out_dir / "contestant_comparisons.csv", index=False)
+        bpb = cmp[cmp["score"].str.startswith("bpb_")]
+        cells = bpb.assign(cell=[f"{d:+.4f}" + ("" if pd.isna(lo) else f" [{lo:+.4f}, {hi:+.4f}]")
+                                 + ("" if pd.isna(pv) else f" p={pv:.2g}") + f" ({b} better)"
+                                 for d, lo, hi, pv, b in zip(bpb["difference"], bpb["lo"], bpb["hi"],
+                                                             bpb["p_value"], bpb["better_in"])])
+        pivot = cells.pivot_table(index=["model", "vs"], columns="score", values="cell", aggfunc="first", sort=False)
+        md += ["### Paired over the seeds (bits per byte)
+",
+               "Model minus reference, seed by seed (same held-out documents): mean [95% Student-t interval], "
+               "two-sided t-test p over the seeds, and in how many seeds the model had the lower bits per byte. "
+               "References: the target (base), CLM-only and the best merge (lowest mean bpb_avg).\n",
+               pivot.to_markdown() + "\n"]
+    return md
+
+
 def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
     from optuna.trial import TrialState
 
@@ -325,6 +360,7 @@ def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
             md.append("## Parameter importances\n\n![importances](importances.png)\n")
         else:
             md.append("Parameter importances: not computable (needs >= 2 complete trials with varying params).\n")
+    md += _contestant_section(study, out_dir)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         md.append("## Failed trials\n")
