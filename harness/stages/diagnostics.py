@@ -47,6 +47,7 @@ ALL_DOMAINS = "all"
 @dataclass(eq=False)
 class DiagnosticsStage(Stage):
     kind: ClassVar[str] = "diagnostics"
+    version: ClassVar[int] = 1
 
     corpus: CorpusStage
     target_distributions: DistributionsStage
