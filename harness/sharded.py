@@ -27,6 +27,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from fusion.publish import publish_dir, remove_stale
+from harness.processes import pid_alive
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -208,15 +211,13 @@ def run_worker(job_path: str | Path) -> None:
         k=int(job["k"]), batch_size=int(job["batch_size"]), max_length=job["max_length"],
         store_dtype=job["store_dtype"], progress=bool(job["progress"]) and rank == 0)
     out = Path(job["out"]) / f"rank-{rank:05d}"
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    ds.save_to_disk(str(tmp / "dataset"))
-    (tmp / "stats.json").write_text(json.dumps({**asdict(stats), "rank": rank, "world_size": world,
-                                                "documents": len(mine), "wall_s": time.perf_counter() - t0,
-                                                "device": str(next(loaded.model.parameters()).device)}))
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, pid_alive, name=out.name)  # an earlier attempt's leftover
+    with publish_dir(out, fsync=False) as tmp:
+        ds.save_to_disk(str(tmp / "dataset"))
+        (tmp / "stats.json").write_text(json.dumps({**asdict(stats), "rank": rank, "world_size": world,
+                                                    "documents": len(mine), "wall_s": time.perf_counter() - t0,
+                                                    "device": str(next(loaded.model.parameters()).device)}))
 
 
 if __name__ == "__main__":
