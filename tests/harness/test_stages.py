@@ -36,7 +36,8 @@ def plan(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir):
         "corpus": {"kind": "jsonl", "paths": [str(text), str(code)], "validation_fraction": 0.25},
         "fusion": {"top_k": 4, "extraction_batch_size": 4},
         "training": {"block_size": BLOCK, "per_device_batch_size": 2, "max_steps": 2, "logging_steps": 1},
-        "baselines": {"clm": True, "ensemble": {"enabled": False}, "merges": [{"name": "half", "config": {
+        "baselines": {"clm": True, "ensemble": {"enabled": False}, "domain_pool": {"enabled": True, "max_steps": 2},
+                      "merges": [{"name": "half", "config": {
             "merge_method": "linear", "dtype": "float32",
             "models": [{"model": "contestant:fusellm", "parameters": {"weight": 0.5}},
                        {"model": "contestant:target", "parameters": {"weight": 0.5}}]}}]},
@@ -248,3 +249,17 @@ def test_diagnostics_figures_reach_the_fusellm_run_live(plan, tmp_path):
     table = read_diagnostics(folder).set_index(["source", "domain", "figure"])["value"]
     assert metrics["diagnostics/tg/code/share_usable"] == pytest.approx(table[("tg", "code", "share_usable")])
     assert metrics["diagnostics/tl/all/picked"] == table[("tl", "all", "picked")]
+
+
+def test_domain_pool_trains_one_expert_per_domain_from_the_target(plan, tiny_llama_dir):
+    p, ex = plan
+    from harness.stages.domain_pool import read_experts
+
+    experts = read_experts(ex.ensure(p.stages["domain_pool"]))
+    assert sorted(experts) == ["code", "notes"]  # the corpus files' stems
+    target = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
+    weights = {d: load_file(str(folder / "model.safetensors")) for d, folder in experts.items()}
+    for w in weights.values():  # structurally identical to the target (mergeable), and trained away from it
+        assert set(w) == set(target) and all(w[n].shape == target[n].shape for n in target)
+        assert any(not torch.equal(w[n], target[n]) for n in target)
+    assert any(not torch.equal(weights["code"][n], weights["notes"][n]) for n in target)
