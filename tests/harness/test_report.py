@@ -341,3 +341,16 @@ def test_study_report_files(tmp_path):
     for f in ("ablation.csv", "trials.csv", "ablation_heatmap.png", "ablation_bars.png", "importances.png"):
         assert (tmp_path / f).stat().st_size > 0
     assert pd.read_csv(tmp_path / "trials.csv")["seed"].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_diagnostics_table_saved_and_loaded_with_the_results(tmp_path):
+    from harness.stages.diagnostics import read_diagnostics
+
+    result = _result(tmp_path)
+    result.save(tmp_path)
+    back = ExperimentResult.load(tmp_path)
+    pd.testing.assert_frame_equal(back.diagnostics, DIAGNOSTICS, check_dtype=False)
+    (tmp_path / "diagnostics.csv").unlink()  # results written before the diagnostics existed
+    old = ExperimentResult.load(tmp_path).diagnostics
+    assert list(old.columns) == ["source", "domain", "figure", "value", "n"] and not len(old)
+    assert list(read_diagnostics(None).columns) == list(old.columns) and not len(read_diagnostics(tmp_path))
