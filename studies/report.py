@@ -294,11 +294,9 @@ def _contestant_section(study, out_dir: Path) -> list[str]:
     table.to_csv(out_dir / "contestants.csv", index=False)
     params = [c for c in (study.user_attrs.get(ATTR_SEARCH_SPACE) or []) if c in table.columns]
     shown = _fmt_ablation(table, [*params, "model", "method"]).set_index("model")
-    md = ["## Every contestant over the seeds
-",
+    md = ["## Every contestant over the seeds\n",
           "Mean [95% Student-t interval over the seeds] of each contestant's scores (n_seeds seeds; no interval "
-          "for one seed); suite columns are fractions, `bpb_*` bits per byte on held-out text (lower is better).
-",
+          "for one seed); suite columns are fractions, `bpb_*` bits per byte on held-out text (lower is better).\n",
           _fmt(shown.drop(columns=[c for c in params if c in shown.columns]))]
     cmp = seed_comparisons(study)
     if len(cmp):
@@ -309,12 +307,11 @@ def _contestant_section(study, out_dir: Path) -> list[str]:
                                  for d, lo, hi, pv, b in zip(bpb["difference"], bpb["lo"], bpb["hi"],
                                                              bpb["p_value"], bpb["better_in"])])
         pivot = cells.pivot_table(index=["model", "vs"], columns="score", values="cell", aggfunc="first", sort=False)
-        md += ["### Paired over the seeds (bits per byte)
-",
+        md += ["### Paired over the seeds (bits per byte)\n",
                "Model minus reference, seed by seed (same held-out documents): mean [95% Student-t interval], "
                "two-sided t-test p over the seeds, and in how many seeds the model had the lower bits per byte. "
                "References: the target (base), CLM-only and the best merge (lowest mean bpb_avg).\n",
-               pivot.to_markdown() + "\n"]
+               pivot.reset_index().to_markdown(index=False) + "\n"]
     return md
 
 

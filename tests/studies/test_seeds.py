@@ -59,3 +59,13 @@ def test_paired_differences_against_base_clm_and_the_best_merge(study):
     vs_base = cmp.loc[("fusellm:experts", "target")]
     assert vs_base["better_in"] == "3/3" and vs_base["difference"] == pytest.approx(-5 / 12, rel=1e-12)
     assert ("base", "target") not in cmp.index  # no model is compared with itself
+
+
+def test_the_study_report_shows_every_contestant_and_the_paired_table(study, tmp_path):
+    from studies.report import write_study_report
+
+    md = write_study_report(study, tmp_path).read_text()
+    assert "## Every contestant over the seeds" in md and "### Paired over the seeds (bits per byte)" in md
+    line = next(ln for ln in md.splitlines() if ln.replace(" ", "").startswith("|fusellm:experts|bestmerge|"))
+    assert "-0.2500 [" in line and "(2/3 better)" in line  # mean difference -0.25 vs merge:linear
+    assert (tmp_path / "contestants.csv").is_file() and (tmp_path / "contestant_comparisons.csv").is_file()
