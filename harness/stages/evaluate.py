@@ -105,20 +105,24 @@ def run_suites(evaluation: EvaluationSpec, label: str, model, env) -> tuple[pd.D
 def run_perplexity(evaluation: EvaluationSpec, label: str, scorer, rows_by_domain: dict[str, list[str]], env):
     """(score rows: bits per byte and token perplexity per domain, per-document nll rows) of one model:
     `scorer` is (model, tokenizer) or an LM with `windowed_nll` (the ensemble)."""
+    from fusion.windows import describe_windows
     from harness.evaluation.perplexity import lm_perplexity_by_domain, perplexity_by_domain
 
     p = evaluation.perplexity
     if hasattr(scorer, "windowed_nll"):
         df, docs = lm_perplexity_by_domain(scorer, rows_by_domain, window=p.window, stride=p.stride,
-                                           per_document=True, progress=env.progress and label)
+                                           convention=p.convention, per_document=True,
+                                           progress=env.progress and label)
     else:
         model, tok = scorer
         df, docs = perplexity_by_domain(model, tok, rows_by_domain, window=p.window, stride=p.stride,
+                                        convention=p.convention,
                                         batch_size=env.placement.batch_size(evaluation.settings.batch_size),
                                         per_document=True, progress=env.progress and label)
     docs.insert(0, "model", label)
+    windows = describe_windows(p.window, p.stride, p.convention)
     rows = [{"model": label, "suite": "perplexity", "task": r["domain"], "metric": metric,
-             "value": float(r[metric]), "stderr": float("nan"), "n": int(r["n_tokens"])}
+             "value": float(r[metric]), "stderr": float("nan"), "n": int(r["n_tokens"]), "windows": windows}
             for _, r in df.iterrows() for metric in ("bits_per_byte", "token_perplexity")]
     return pd.DataFrame(rows), docs
 

@@ -137,6 +137,7 @@ def test_eval_writes_the_long_format(plan):
     assert set(LONG_COLUMNS) <= set(long.columns) and set(long["model"]) == {"tg"}
     bpb = long[long["metric"] == "bits_per_byte"]
     assert sorted(bpb["task"]) == ["code", "notes"] and (bpb["value"] > 0).all()
+    assert set(bpb["windows"]) == {"FuseLab strided windows (window 16, stride 8)"}  # the config's windows, named
 
 
 def test_every_stage_key_changes_with_its_version(plan):
