@@ -392,6 +392,7 @@ def estimate(cfg: ExperimentConfig, *, hardware: Hardware | None = None, tokens:
             table.add(f"aligned/{spec.label}", tokens=tokens, cache_bytes=(8 * k + 8) * tokens if tokens else None,
                       note="CPU: alignment + vocabulary mapping, no accelerator FLOPs")
     table.add("fused", tokens=tokens, cache_bytes=(4 + 8 * k) * tokens if tokens else None, note="CPU")
+    table.add("diagnostics", tokens=tokens, note="CPU: per source and domain, one pass over the aligned sets")
     _training_rows(table, cfg, tokens, target_params)
     numeric = ("flops", "device_hours", "wall_hours", "cache_bytes")
     known = {key: [r[key] for r in table.values() if r[key] is not None] for key in numeric}
