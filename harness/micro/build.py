@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,11 +29,11 @@ from pathlib import Path
 from .corpus import DOMAINS, SPLITS, CorpusSizes, build_corpus
 from .sources import SOURCE_SPECS, TARGET_NAME, TrainSizes
 from .tasks import build_tasks, task_names, write_task_yamls
+from fusion.publish import publish_dir, remove_stale
 from harness.processes import pid_alive
 
 MICRO_WORLD_VERSION = "3"  # 2: third source is MPT (was GPT-2); 3: intact-line tasks, specialised sources
 WORLD_FILE = "world.json"
-_BUILDING = re.compile(r"^\.(?P<name>.+)\.building-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -100,16 +98,6 @@ class MicroWorld:
         return world
 
 
-def _remove_stale_builds(root: Path) -> None:
-    """Delete temporary build folders of `root` left by builds whose process is gone."""
-    if not root.parent.is_dir():
-        return
-    for path in root.parent.iterdir():
-        m = _BUILDING.match(path.name)
-        if m and m["name"] == root.name and not pid_alive(int(m["pid"])):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _check_cached(world: MicroWorld, seed: int, sizes: MicroSizes) -> MicroWorld:
     info = world.info
     wanted = {"version": MICRO_WORLD_VERSION, "seed": seed, "sizes": json.loads(json.dumps(asdict(sizes)))}
@@ -125,22 +113,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file and folder under `path` to disk before the rename publishes it."""
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _log(progress: bool, message: str) -> None:
@@ -241,20 +213,6 @@ def _build_log(seconds: float, corpus_seconds: float, load_before, results: dict
             "sources": {n: {k: r[k] for k in ("seconds", "final_loss", "train_tokens")} for n, r in results.items()}}
 
 
-def _publish(tmp: Path, root: Path, seed: int, sizes: MicroSizes) -> MicroWorld | None:
-    """Rename the finished `tmp` onto `root`; None when done, else the world another build published first."""
-    _fsync_tree(tmp)
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        if not (root / WORLD_FILE).is_file():
-            raise
-        # Another build of the same root finished first; theirs is as good as ours.
-        shutil.rmtree(tmp, ignore_errors=True)
-        return _check_cached(MicroWorld.load(root), seed, sizes)
-    return None
-
-
 def _build_into(tmp: Path, root: Path, seed: int, sizes: MicroSizes, progress: bool) -> tuple[float, tuple]:
     """Write a complete world into `tmp` (tasks with data paths under `root`); -> (seconds, load before)."""
     t0 = time.perf_counter()
@@ -296,16 +254,11 @@ def build_micro_world(root: Path, seed: int = 0, progress: bool = True, *,
         raise ValueError(f"{root} exists but is not a complete micro world (no {WORLD_FILE}); "
                          "delete it or pass another root")
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(root)
-    tmp = root.parent / f".{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    remove_stale(root.parent, pid_alive, name=root.name)  # temporary folders of killed builds
+    pub = publish_dir(root, exist_ok=True, is_complete=lambda p: (p / WORLD_FILE).is_file())
+    with pub as tmp:
         seconds, load_before = _build_into(tmp, root, seed, sizes, progress)
-        theirs = _publish(tmp, root, seed, sizes)
-        if theirs is not None:
-            return theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not pub.published:  # another build of the same root finished first; theirs is as good as ours
+        return _check_cached(MicroWorld.load(root), seed, sizes)
     _log(progress, f"built {root} in {seconds:.0f} s (load average before {load_before[0]:.1f})")
     return MicroWorld.load(root)

@@ -273,7 +273,7 @@ def test_killed_build_leaves_nothing_complete_and_rebuild_is_identical(micro_wor
     deadline = time.monotonic() + 120
     building = []
     while time.monotonic() < deadline:
-        building = [p for p in tmp_path.iterdir() if p.name.startswith(".world.building-")]
+        building = [p for p in tmp_path.iterdir() if p.name.startswith(".world.tmp-")]
         if building and any((building[0] / "jobs").glob("*.json")):
             break
         time.sleep(0.5)
