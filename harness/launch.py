@@ -138,6 +138,7 @@ def run_worker(job_path: str | Path) -> None:
     import datasets
     import torch
 
+    from fusion.publish import publish_file
     from fusion.trainer import TrainSettings, train_target
     from harness.config import ModelSpec
     from harness.models import load_model
@@ -163,9 +164,8 @@ def run_worker(job_path: str | Path) -> None:
         payload["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
         # evidence that the DeepSpeed engine (not the plain Trainer loop) ran this job
         payload["deepspeed_initialized"] = bool(deepspeed.comm.is_initialized())
-        tmp = out / "train_result.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, default=float))
-        os.replace(tmp, out / "train_result.json")
+        with publish_file(out / "train_result.json", fsync=False) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, default=float))
 
 
 def _cpu_deepspeed_state() -> None:
