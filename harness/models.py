@@ -469,18 +469,3 @@ def load_folder(folder: str | Path, *, device: str = "cpu", dtype: str | None = 
     model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kw)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(folder))
-
-
-def describe(loaded: LoadedModel) -> dict:
-    cfg = loaded.model.config if loaded.model is not None else None
-    return {
-        "label": loaded.label,
-        "ref": loaded.ref,
-        "model_type": getattr(cfg, "model_type", None),
-        "params": sum(p.numel() for p in loaded.model.parameters()) if loaded.model is not None else None,
-        "vocab_size": len(loaded.tokenizer),
-    }
-
-
-def read_config_json(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())

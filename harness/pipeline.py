@@ -18,10 +18,9 @@ import pandas as pd
 
 from harness.cache import FileHashes
 from harness.config import ExperimentConfig
-from harness.executor import VOLATILE_FILES, Executor, describe_used  # noqa: F401  (launcher, tests)
+from harness.executor import Executor, describe_used
 from harness.plan import Plan, build_plan, workdir  # noqa: F401  (the public entry points)
 from harness.results import ExperimentResult, metrics_of, summarize, uncertainty_tables  # noqa: F401
-from harness.stages.world import world_settings  # noqa: F401
 
 
 def world_stage_key(seed: int):

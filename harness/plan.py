@@ -48,9 +48,6 @@ class Plan:
     def path(self, name: str) -> Path:
         return self.cache.path(self.stages[name].key)
 
-    def eval_stage(self, contestant: Contestant) -> Stage:
-        return self.stages[f"eval/{contestant.label}"]
-
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([{"stage": st.name, "key": st.key.key,
                               "status": "cached" if self.cached(st.name) else "will run"}

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -394,17 +393,6 @@ def experiment_from_mlflow(client, run_id: str) -> ExperimentData:
                              "before 0.3 (rerun it: the stages are cached)") from None
     return ExperimentData(run.info.run_name or run_id, res.results, res.eval_long, res.losses, res.stage_times,
                           res.intervals, res.comparisons, res.diagnostics)
-
-
-def _runs_frame(runs) -> pd.DataFrame:
-    rows = []
-    for r in runs:
-        row = {"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time}
-        row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
-        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
-        row.update({f"params.{k}": v for k, v in r.data.params.items()})
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def experiment_report(client, uri: str, workdir: Path, exp_name: str, run, out: Path | None) -> Path:

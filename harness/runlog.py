@@ -11,7 +11,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -151,11 +150,3 @@ def _log_summary(tracker, result: ExperimentResult, live: LiveLog | None) -> Non
             tracker.log_curve(f"loss/{name}", pts)
     for f in result_files(result.run_dir):  # the results folder, once: `fuselab report` reads it back
         tracker.log_artifact(f, RESULTS_DIR)
-
-
-def contestant_params(plan, model: str) -> dict[str, Any]:
-    """The MLflow params of a results row (its contestant's, plus what the row adds: an expert's domain)."""
-    for c in plan.contestants:
-        if c.label == model:
-            return dict(c.params)
-    return {}
