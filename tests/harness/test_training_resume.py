@@ -77,7 +77,8 @@ def test_killed_training_stage_resumes_with_the_uninterrupted_losses_and_weights
     stopped_at = max(json.loads(m.read_text())["step"] for m in ckpt_root.glob("checkpoint-*/fuselab_checkpoint.json"))
     assert 0 < stopped_at < STEPS
     # the uninterrupted reference: the same stages up to the fused data (copied), training from step 0
-    shutil.copytree(killed / "cache", fresh / "cache", ignore=shutil.ignore_patterns("_checkpoints", "_locks", ".tmp-*"))
+    shutil.copytree(killed / "cache", fresh / "cache",
+                    ignore=shutil.ignore_patterns("_checkpoints", "_locks", ".*.tmp-*"))
 
     out = _finish(_run(killed))
     assert "[run]    train/fusellm" in out and "[cached] fused" in out, out
