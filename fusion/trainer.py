@@ -21,6 +21,7 @@ import transformers
 from .data import FusionCollator, prepare_train_dataset
 from .distributions import matmul_parameters
 from .loss import IGNORE_INDEX, fusion_loss, valid_fusion_positions
+from .publish import publish_file
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_PRESETS = {"zero2": DEEPSPEED_DIR / "zero2.json", "zero3": DEEPSPEED_DIR / "zero3.json"}
@@ -229,9 +230,8 @@ class CheckpointCallback(transformers.TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        tmp = folder / (CHECKPOINT_MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": state.global_step, "tokens_seen": self.trainer.tokens_seen}))
-        os.replace(tmp, folder / CHECKPOINT_MARKER)
+        with publish_file(folder / CHECKPOINT_MARKER, fsync=False) as tmp:
+            tmp.write_text(json.dumps({"step": state.global_step, "tokens_seen": self.trainer.tokens_seen}))
         for other in Path(args.output_dir).iterdir():
             if other != folder and _checkpoint_step(other) is not None:
                 shutil.rmtree(other, ignore_errors=True)

@@ -25,12 +25,13 @@ The generation tasks complete what the same knowledge predicts, scored by exact 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
 
 import yaml
+
+from fusion.publish import publish_file
 
 GROUP = "micro"
 TASK_KINDS = ("mc", "gen")
@@ -233,9 +234,8 @@ def write_task_yamls(tasks_dir: Path, domains: list[str], write_dir: Path | None
         path = write_dir / name
         if path.is_file() and path.read_text() == text:
             continue
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with publish_file(path, fsync=False) as tmp:
+            tmp.write_text(text)
         changed = True
     return changed
 

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from fusion.publish import publish_file
+
 
 def _die_with_parent(parent_pid: int) -> None:
     """Exit when the building process dies (e.g. SIGKILL), so no orphan keeps writing into its temp dir."""
@@ -45,9 +47,8 @@ def main(job_path: str) -> None:
 
     result = train_source(SourceSpec(**job["spec"]), job["seed"], TrainSizes(**job["train_sizes"]),
                           Path(job["corpus_dir"]), Path(job["out_dir"]), progress=job["progress"])
-    tmp = Path(job["result_path"] + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-    os.replace(tmp, job["result_path"])
+    with publish_file(Path(job["result_path"]), fsync=False) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
