@@ -431,13 +431,22 @@ def report_main(target: str, workdir: Path, out: Path | None = None, *, tracking
     # 3. an MLflow experiment name
     exp = client.get_experiment_by_name(str(target))
     if exp is not None:
+        studies = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'study'",
+                                     order_by=["attributes.start_time DESC"], max_results=50)
+        named = [r for r in studies if r.data.tags.get(TAG_STUDY) == str(target)]
+        if named:  # a study's experiment (named like the study by default) holds its trials' runs: the study
+            t = named[0].data.tags
+            print(f"fuselab report: {target!r} is a study (its trials' runs are in the MLflow experiment of that "
+                  "name): the study report", flush=True)
+            return study_report(t[TAG_STUDY], t.get("fuselab.storage", default_storage), named[0].info.run_id,
+                                exp.name)
         runs = client.search_runs([exp.experiment_id], filter_string="tags.`fuselab.kind` = 'experiment'",
                                   order_by=["attributes.start_time DESC"], max_results=50)
         runs = [r for r in runs if r.info.status == "FINISHED"]
         if runs:
+            print(f"fuselab report: {target!r} is an MLflow experiment: the report of its latest finished run "
+                  f"{runs[0].info.run_id}", flush=True)
             return experiment_report(client, uri, workdir, exp.name, runs[0], out)
-        studies = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'study'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
         if studies:
             t = studies[0].data.tags
             return study_report(t[TAG_STUDY], t.get("fuselab.storage", default_storage), studies[0].info.run_id,

@@ -192,3 +192,19 @@ def test_grid_study_on_the_real_pipeline(write_spec, tmp_path, micro_world):
     for t in study.trials:
         assert ab.loc[(t.params["fusion.vocab_map"], t.params["fusion.fusion"]), "fusellm/micro mean"] == t.value
     assert (wd / "reports" / "real" / "ablation_heatmap.png").stat().st_size > 1000
+
+
+def test_report_by_name_prefers_the_study_over_its_trials_experiment_runs(write_spec, tmp_path, capsys):
+    """The study's MLflow experiment is named like the study and also holds experiment runs (its trials'):
+    `fuselab report NAME` must give the study report, and say so."""
+    from harness.tracking import Tracker
+    from studies.report import report_main
+
+    wd = tmp_path / "wd"
+    run_study(write_spec("named", seeds=[0]), fast_overrides(wd), objective_fn=fake_experiment, progress=False)
+    tracker = Tracker(None, "named", wd)
+    with tracker.run("a trial's experiment", tags={"fuselab.kind": "experiment"}):
+        pass
+    md = report_main("named", wd, tmp_path / "out").read_text()
+    assert md.startswith("# Study named")
+    assert "'named' is a study" in capsys.readouterr().out
