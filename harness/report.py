@@ -253,60 +253,72 @@ def write_report(out_dir: Path, result: Any = None, *, tracker=None, run_id: str
     open run). Returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md: list[str] = []
-    if result is not None:
-        data = _as_data(result)
-        md.append(f"# {title or data.name}\n")
-        table = experiment_table(data, per_task=False)
-        table.to_csv(out_dir / "results.csv")
-        score_cols = [c for c in table.columns if "(%)" not in c]
-        gain_cols = ["method", *[c for c in table.columns if "(%)" in c]]
-        md += ["## Results\n", "Suite averages are fractions (0-1): each task's primary metric averaged over the "
-               "suite's tasks; bpb = bits per byte on held-out text (lower is better).\n"]
-        if len(data.intervals):
-            shown = uncertainty_table(data)
-            shown.to_csv(out_dir / "results_ci.csv")
-            md += [f"Each score with its 95% bootstrap interval [lo, hi] (seeded; over items for suites, over held-out "
-                   f"documents for bpb; n = items or documents). {MARK_VS_TARGET}: differs from the target, "
-                   f"{MARK_VS_CLM}: differs from CLM-only (paired sign-flip test on the same items / documents, "
-                   f"p < {SIGNIFICANCE}). `lm-eval se`: lm-eval's own standard error of the suite average.\n",
-                   shown.to_markdown() + "\n"]
-        else:
-            md.append(_fmt(table[score_cols]))
-        md += bpb_windows_line(data.eval_long)
-        if len(gain_cols) > 1:
-            md += ["## Relative gain (%)\n", "Positive = better (for bpb: the reduction).\n", _fmt(table[gain_cols], 3)]
-        if len(data.comparisons):
-            data.comparisons.to_csv(out_dir / "comparisons.csv", index=False)
-            data.intervals.to_csv(out_dir / "intervals.csv", index=False)
-            md += ["## Paired tests\n", "Each model minus the reference on the same items / documents: difference "
-                   "[95% paired-bootstrap interval], two-sided sign-flip p-value (exact when at most 16 units "
-                   "differ), * p < 0.05, ** p < 0.01, *** p < 0.001, no correction for multiple tests. For bpb a "
-                   "negative difference is an improvement.\n", comparison_table(data).to_markdown() + "\n"]
-        if per_task and len(data.eval_long):
-            tasks = per_task_scores(data.eval_long)
-            if len(tasks):
-                tasks.index.name = "model"
-                tasks.to_csv(out_dir / "per_task.csv")
-                # one row per task (suite/task), one column per model: dozens of tasks stay readable
-                shown = tasks.T
-                shown.index.name = "task"
-                md += ["## Per task\n", _fmt(shown)]
-        plot_methods(table, out_dir / "methods.png", suite_stderr(data.eval_long), intervals=data.intervals)
-        md.append("![methods](methods.png)\n")
-        if any(data.losses.values()):
-            plot_losses(data.losses, out_dir / "losses.png")
-            md.append("## Training loss\n\n![losses](losses.png)\n")
-        if len(data.diagnostics):
-            md += _diagnostics_section(data.diagnostics, out_dir)
-        if len(data.stage_times):
-            md += _stage_times_section(data.stage_times, out_dir)
+    md = _experiment_sections(_as_data(result), out_dir, title, per_task) if result is not None else []
     md += list(sections)
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
     if tracker is not None:
         tracker.log_artifact(out_dir, "report", run_id=run_id)
     return path
+
+
+def _experiment_sections(data: ExperimentData, out_dir: Path, title: str | None, per_task: bool) -> list[str]:
+    """The markdown of one experiment's report (tables written beside it): results with intervals, gains, paired
+    tests, per task, plots, fusion diagnostics, stage times."""
+    md = [f"# {title or data.name}\n"]
+    table = experiment_table(data, per_task=False)
+    table.to_csv(out_dir / "results.csv")
+    md += _results_section(data, table, out_dir)
+    gain_cols = ["method", *[c for c in table.columns if "(%)" in c]]
+    if len(gain_cols) > 1:
+        md += ["## Relative gain (%)\n", "Positive = better (for bpb: the reduction).\n", _fmt(table[gain_cols], 3)]
+    if len(data.comparisons):
+        data.comparisons.to_csv(out_dir / "comparisons.csv", index=False)
+        data.intervals.to_csv(out_dir / "intervals.csv", index=False)
+        md += ["## Paired tests\n", "Each model minus the reference on the same items / documents: difference "
+               "[95% paired-bootstrap interval], two-sided sign-flip p-value (exact when at most 16 units "
+               "differ), * p < 0.05, ** p < 0.01, *** p < 0.001, no correction for multiple tests. For bpb a "
+               "negative difference is an improvement.\n", comparison_table(data).to_markdown() + "\n"]
+    if per_task and len(data.eval_long):
+        md += _per_task_section(data.eval_long, out_dir)
+    plot_methods(table, out_dir / "methods.png", suite_stderr(data.eval_long), intervals=data.intervals)
+    md.append("![methods](methods.png)\n")
+    if any(data.losses.values()):
+        plot_losses(data.losses, out_dir / "losses.png")
+        md.append("## Training loss\n\n![losses](losses.png)\n")
+    if len(data.diagnostics):
+        md += _diagnostics_section(data.diagnostics, out_dir)
+    if len(data.stage_times):
+        md += _stage_times_section(data.stage_times, out_dir)
+    return md
+
+
+def _results_section(data: ExperimentData, table: pd.DataFrame, out_dir: Path) -> list[str]:
+    md = ["## Results\n", "Suite averages are fractions (0-1): each task's primary metric averaged over the "
+          "suite's tasks; bpb = bits per byte on held-out text (lower is better).\n"]
+    if len(data.intervals):
+        shown = uncertainty_table(data)
+        shown.to_csv(out_dir / "results_ci.csv")
+        md += [f"Each score with its 95% bootstrap interval [lo, hi] (seeded; over items for suites, over held-out "
+               f"documents for bpb; n = items or documents). {MARK_VS_TARGET}: differs from the target, "
+               f"{MARK_VS_CLM}: differs from CLM-only (paired sign-flip test on the same items / documents, "
+               f"p < {SIGNIFICANCE}). `lm-eval se`: lm-eval's own standard error of the suite average.\n",
+               shown.to_markdown() + "\n"]
+    else:
+        md.append(_fmt(table[[c for c in table.columns if "(%)" not in c]]))
+    return md + bpb_windows_line(data.eval_long)
+
+
+def _per_task_section(eval_long: pd.DataFrame, out_dir: Path) -> list[str]:
+    tasks = per_task_scores(eval_long)
+    if not len(tasks):
+        return []
+    tasks.index.name = "model"
+    tasks.to_csv(out_dir / "per_task.csv")
+    # one row per task (suite/task), one column per model: dozens of tasks stay readable
+    shown = tasks.T
+    shown.index.name = "task"
+    return ["## Per task\n", _fmt(shown)]
 
 
 # figure of harness.stages.diagnostics -> its column in the report's pivot, in reading order
