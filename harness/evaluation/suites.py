@@ -468,6 +468,21 @@ def _resolve_sources(suites: list[str], settings: EvalSettings, data_dir, includ
     return sources, manager
 
 
+def _run_lm_eval(lm, suite: str, tasks: list[str], num_fewshot, manager, settings: EvalSettings, model_name: str,
+                 log_samples: bool) -> dict:
+    """lm-eval's `simple_evaluate` of `tasks` with the settings' seeds (generated code allowed for MultiPL-E
+    only, in its jail), lm-eval's truncation warnings summarised in one line."""
+    from lm_eval import simple_evaluate
+
+    unsafe = suite == "multipl_e"
+    with _code_eval_allowed() if unsafe else contextlib.nullcontext(), summarised_truncation(model_name, suite):
+        return simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=settings.batch_size, device=settings.device,
+            limit=settings.limit, task_manager=manager, log_samples=log_samples, random_seed=settings.seed,
+            numpy_random_seed=settings.seed, torch_random_seed=settings.seed, fewshot_random_seed=settings.seed,
+            confirm_run_unsafe_code=unsafe, verbosity="WARNING")
+
+
 def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path | None = None,
              include_paths: list[Path] = (), model_name: str | None = None,
              log_samples_dir: Path | None = None, task_dir: Path | None = None,
@@ -488,8 +503,6 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
     DataUnavailableError naming the files or hub datasets (data.py), MultiPL-E without a code jail
     SandboxUnavailable (sandbox.py). Deterministic for fixed settings.
     """
-    from lm_eval import simple_evaluate
-
     if isinstance(suites, str):
         suites = [suites]
     sources, named_manager = _resolve_sources(suites, settings, data_dir, include_paths)
@@ -510,15 +523,8 @@ def evaluate(model, suites: list[str], settings: EvalSettings, *, data_dir: Path
                     continue
             else:
                 manager, tasks, num_fewshot = named_manager, [suite], settings.num_fewshot
-            unsafe = suite == "multipl_e"
-            with _code_eval_allowed() if unsafe else contextlib.nullcontext(), \
-                    summarised_truncation(model_name, suite):
-                results = simple_evaluate(
-                    model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=settings.batch_size,
-                    device=settings.device, limit=settings.limit, task_manager=manager,
-                    log_samples=log_samples_dir is not None or return_items, random_seed=settings.seed,
-                    numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-                    fewshot_random_seed=settings.seed, confirm_run_unsafe_code=unsafe, verbosity="WARNING")
+            results = _run_lm_eval(lm, suite, tasks, num_fewshot, manager, settings, model_name,
+                                   log_samples_dir is not None or return_items)
             if log_samples_dir is not None and results.get("samples"):
                 _write_samples(results["samples"], Path(log_samples_dir) / suite)
             frames.append(results_to_frame(results, suite, model_name))
