@@ -55,8 +55,8 @@ def test_same_size_new_weights_change_exactly_the_dependent_keys(local_models, t
     assert (target / "model.safetensors").stat().st_size == size  # same size, same names, same config.json
     after = build_plan(cfg)
     # everything computed from the target's weights; the corpus split and the vocabulary map only tokenize
-    assert changed(before, after) == ["aligned/gpt2", "distributions/tgt", "eval/fusellm", "eval/tgt", "fused",
-                                      "train/fusellm"]
+    assert changed(before, after) == ["aligned/gpt2", "diagnostics", "distributions/tgt", "eval/fusellm", "eval/tgt",
+                                      "fused", "train/fusellm"]
 
 
 def test_three_structurally_identical_experts_get_distinct_identities(local_models, tmp_path):
