@@ -9,6 +9,7 @@ layout), then a `TrainStage`. Contestant: `kd` (method kind "KD"). The teacher i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,14 +99,34 @@ class MicroTeacherStage(Stage):
 
         base = next(s for s in SOURCE_SPECS if s.name == self.base)
         spec = replace(base, name=f"{base.name}-wide", hidden=self.hidden, layers=self.layers, heads=self.heads)
-        result = train_source(spec, self.seed, replace(TrainSizes(), steps=self.steps), env.world.root / "corpus",
-                              out / "model", progress=env.progress, mix_of=base.name)
+        with _process_state_kept():  # train_source sets one thread, deterministic kernels and the RNGs
+            result = train_source(spec, self.seed, replace(TrainSizes(), steps=self.steps),
+                                  env.world.root / "corpus", out / "model", progress=env.progress, mix_of=base.name)
         mine, theirs = (Path(d) / "tokenizer.json" for d in (out / "model", env.world.models[self.base]))
         if mine.read_bytes() != theirs.read_bytes():
             raise TokenizerMismatch(f"{self.name}: the teacher's tokenizer differs from {self.base}'s although both "
                                     "were trained on the same mix")
         (out / "stats.json").write_text(json.dumps({"seconds": result["seconds"], "final_loss": result["final_loss"],
                                                     "validation_bpb": result["validation_bpb"]}))
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Restore torch's thread count, deterministic-algorithms flag and RNG states, and Python's RNG, afterwards:
+    the stages that run next in this process compute as they would had the teacher been cached."""
+    import random
+
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch_rng, py_rng = torch.get_rng_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_rng_state(torch_rng)
+        random.setstate(py_rng)
 
 
 class MicroTeacher(BaseModel):

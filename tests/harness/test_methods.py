@@ -140,3 +140,25 @@ def test_the_three_table7_experts_get_three_keys_and_three_distributions(tmp_pat
     logprobs = [np.concatenate([np.asarray(r, dtype=np.float32) for r in datasets.load_from_disk(
         str(ex.ensure(st) / "dataset"))["topk_logprobs"]]) for st in stages]
     assert all(not np.array_equal(logprobs[i], logprobs[j]) for i in range(3) for j in range(i + 1, 3))
+
+
+def test_the_micro_teacher_leaves_the_process_as_it_found_it():
+    """train_source sets one thread, deterministic kernels and seeds: the stages after a teacher built in this
+    process must compute as they would with the teacher cached."""
+    import random
+
+    import torch
+
+    from harness.recipes.kd import _process_state_kept
+
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    with _process_state_kept():
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(123)
+        random.seed(123)
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), state) and random.random() == expected

@@ -112,7 +112,11 @@ def test_killed_run_resumes_to_the_same_outputs(first_run, tmp_path):
     _, res = first_run
     wd = tmp_path / "killed"
     args = [sys.executable, "-m", "harness.cli", "run", str(QUICKSTART), f"workdir={wd}", *SMALL, "--no-track"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    import torch
+
+    # the same intra-op threads as this process: a float reduction over another thread count differs in the last
+    # bits, and the stages the killed process finishes (CLM-only trains before FuseLLM) must equal the first run's
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     seen = []
     for line in proc.stdout:
