@@ -45,6 +45,29 @@ def compare(cfg_a, cfg_b, model: str = "fusellm", *, seed: int = 0) -> pd.DataFr
     return paired_comparisons(long, items, docs, ["A", "B"], {"A": "A"}, seed=seed)
 
 
+KEY_FIGURES = ("share_usable", "share_next_span_differs", "coverage", "teacher_nll", "target_nll", "mix_gain_nats")
+
+
+def diagnostics_pair(cfg_a, cfg_b, figures: tuple[str, ...] = KEY_FIGURES) -> pd.DataFrame:
+    """The fusion diagnostics (harness.stages.diagnostics) of A and B side by side: rows (source, domain) of the
+    sources, columns `<figure> A` / `<figure> B`; empty when either setting has no built diagnostics stage."""
+    from harness.plan import build_plan
+    from harness.stages.diagnostics import read_diagnostics
+
+    tables = []
+    for tag, cfg in (("A", cfg_a), ("B", cfg_b)):
+        plan = build_plan(cfg)
+        folder = plan.path("diagnostics") if "diagnostics" in plan.stages and plan.cached("diagnostics") else None
+        d = read_diagnostics(folder)
+        d = d[d["figure"].isin(figures) & (d["source"] != cfg.target.label)]
+        tables.append(d.pivot_table(index=["source", "domain"], columns="figure", values="value", sort=False)
+                      .add_suffix(f" {tag}"))
+    if any(t.empty for t in tables):
+        return pd.DataFrame()
+    both = tables[0].join(tables[1], how="outer")
+    return both[[f"{f} {t}" for f in figures for t in ("A", "B") if f"{f} {t}" in both.columns]]
+
+
 def main(argv: list[str] | None = None) -> int:
     from harness.config import load_config
 
@@ -53,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("a", nargs="*", help="overrides of setting A (the reference, e.g. the paper's rule)")
     ap.add_argument("--vs", nargs="*", default=[], help="overrides of setting B")
     ap.add_argument("--model", default="fusellm", help="the contestant to compare (default fusellm)")
+    ap.add_argument("--diagnostics", action="store_true", help="also the two settings' fusion diagnostics")
     args = ap.parse_args(argv)
     table = compare(load_config(args.config, args.a), load_config(args.config, args.vs), args.model)
     print(f"{args.model}: B ({' '.join(args.vs) or 'config'}) minus A ({' '.join(args.a) or 'config'}), paired "
           "on the same units; bits per byte: negative = B better")
     print(table[["score", "difference", "lo", "hi", "p_value", "mark", "n"]].to_string(index=False))
+    if args.diagnostics:
+        pair = diagnostics_pair(load_config(args.config, args.a), load_config(args.config, args.vs))
+        print("\nfusion diagnostics (A, B):\n" + (pair.round(4).to_string() if len(pair) else "not built"))
     return 0
 
 

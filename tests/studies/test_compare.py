@@ -9,7 +9,7 @@ import tests.tiny as tiny
 from harness.config import validate_config
 from harness.executor import Executor
 from harness.plan import build_plan
-from studies.compare import compare
+from studies.compare import compare, diagnostics_pair
 
 
 def _cfg(wd, llama, gpt2, lam):
@@ -42,3 +42,19 @@ def test_b_minus_a_on_the_same_documents(tmp_path, tiny_llama_dir, tiny_gpt2_dir
     # for one domain the paired difference is B's bits per byte minus A's (bits over bytes of the same documents)
     assert table.loc["bpb_notes", "difference"] == pytest.approx(values["B"]["notes"] - values["A"]["notes"], abs=1e-9)
     assert (compare(a, a)["difference"] == 0).all()  # a setting against itself: no difference at all
+
+
+def test_the_diagnostics_of_two_settings_side_by_side(tmp_path, tiny_llama_dir, tiny_gpt2_dir, monkeypatch):
+    monkeypatch.delenv("FUSELAB_WORKDIR", raising=False)
+    a, b = (_cfg(tmp_path, tiny_llama_dir, tiny_gpt2_dir, 0.9) for _ in range(2))
+    b = b.model_copy(update={"fusion": b.fusion.model_copy(update={"vocab_map": "em"})})
+    assert diagnostics_pair(a, b).empty  # nothing built yet
+    for cfg in (a, b):
+        plan = build_plan(cfg)
+        Executor(plan, progress=False).ensure(plan.stages["diagnostics"])
+    pair = diagnostics_pair(a, b)
+    assert list(pair.index.get_level_values("source").unique()) == ["tg"]  # the sources only, not the target
+    assert list(pair.columns[:2]) == ["share_usable A", "share_usable B"]
+    assert ((pair >= 0) | pair.isna()).all().all()
+    same = diagnostics_pair(a, a)
+    assert (same["coverage A"] == same["coverage B"]).all()
