@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from pathlib import Path
 from typing import Callable, Iterable
 
 import datasets
@@ -271,8 +272,27 @@ def prepare_train_dataset(dataset: datasets.Dataset, block_size: int, packing: b
             out_rows = rows
         return {c: [r[c] for r in out_rows] for c in wanted + ["position_ids"]}
 
+    # the result goes to a private file of this process: never beside `dataset`'s own files (a published stage
+    # folder, read by other runs at the same time, must not change)
     return dataset.map(convert, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                       desc="packing" if packing else "checking lengths")
+                       desc="packing" if packing else "checking lengths", cache_file_name=_private_cache_file())
+
+
+_PRIVATE_DIR: list[Path] = []
+
+
+def _private_cache_file() -> str:
+    """A fresh file name in this process's temporary folder (removed when the process exits)."""
+    import atexit
+    import shutil
+    import tempfile
+    import uuid
+
+    if not _PRIVATE_DIR:
+        folder = Path(tempfile.mkdtemp(prefix="fuselab-train-data-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _PRIVATE_DIR.append(folder)
+    return str(_PRIVATE_DIR[0] / f"{uuid.uuid4().hex}.arrow")
 
 
 class FusionCollator:

@@ -137,3 +137,18 @@ def test_reset_positions_isolate_documents(sp_tokenizer):
         cross = model(**FusionCollator(pad_token_id=3)([block]), use_cache=False).logits[0]
     torch.testing.assert_close(packed[4:], alone, atol=1e-5, rtol=1e-5)
     assert (cross[4:] - alone).abs().max() > 1e-3     # without the reset doc_b sees doc_a
+
+
+def test_preparing_a_saved_dataset_writes_nothing_beside_it(tmp_path):
+    """Training reads a published stage's dataset, which other runs may read at the same time: preparing it must
+    not add cache files to that folder (two workers once raced on one `cache-*.arrow` there)."""
+    import datasets
+
+    from fusion.data import prepare_train_dataset
+
+    folder = tmp_path / "dataset"
+    datasets.Dataset.from_dict({"doc_id": [0, 1], "input_ids": [[1, 2, 3], [4, 5]]}).save_to_disk(str(folder))
+    before = sorted(p.name for p in folder.iterdir())
+    out = prepare_train_dataset(datasets.load_from_disk(str(folder)), block_size=4, fusion=False)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert out["input_ids"] == [[1, 2, 3, 4], [5]]  # packed: the documents concatenated, cut at 4 tokens
