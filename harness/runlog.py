@@ -109,8 +109,7 @@ class LiveLog:
             return None
 
 
-def track_result(tracker, result: ExperimentResult, contestants: list[Contestant], live: LiveLog | None = None,
-                 method_of: dict[str, str] | None = None) -> None:
+def track_result(tracker, result: ExperimentResult, contestants: list[Contestant], live: LiveLog | None = None) -> None:
     """Log a finished experiment to the open run of `tracker`: one nested run per results row with its params,
     scores and training curve (only what did not go out live, with `live`); the summary metrics; the results
     folder once (artifact folder `results/`, read back by `fuselab report`)."""
