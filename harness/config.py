@@ -118,7 +118,8 @@ _CORPUS_OPTIONAL = ("dataset", "domain_field", "max_docs", "max_tokens", "expect
 
 class CorpusSpec(_Strict):
     kind: Literal["micro", "text_files", "jsonl", "datasets"] = "micro"
-    paths: list[str] = Field(default_factory=list)  # text_files / jsonl: files (a domain per file stem)
+    # text_files / jsonl: a file or glob pattern per domain, optionally "DOMAIN=..." (harness.corpus.path_entry)
+    paths: list[str] = Field(default_factory=list)
     dataset: DatasetSpec | None = None  # datasets: what load_dataset reads
     text_field: str = "text"
     domain_field: str | None = None  # datasets: the row field naming a document's domain (default: one domain)
@@ -458,7 +459,8 @@ class EvalSettingsSpec(_Strict):
     dtype: str = "float32"
     num_fewshot: int | None = None
     seed: int = 1234
-    limit: int | None = Field(None, ge=1)
+    # examples per task: one number for every suite, or {suite: number} (a suite left out runs in full)
+    limit: int | dict[str, int] | None = None
     max_gen_toks: int = Field(64, ge=1)
     bbh_variant: Literal["direct", "cot"] = "direct"
     bbh_strip_whitespace: bool = False  # True: BBH exact match ignores surrounding whitespace (lm-eval does not)
@@ -471,6 +473,14 @@ class EvalSettingsSpec(_Strict):
         if isinstance(v, str) and (v == "auto" or (v.startswith("auto:") and v[5:].isdigit() and int(v[5:]) >= 1)):
             return v
         raise ValueError(f"batch_size must be a positive integer, 'auto' or 'auto:N', got {v!r}")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        for key, n in ({"": v} if isinstance(v, int) else v or {}).items():
+            if isinstance(n, bool) or n < 1:
+                raise ValueError(f"limit{'.' + key if key else ''} must be a positive number of examples, got {n!r}")
+        return v
 
 
 class PerplexitySpec(_Strict):
@@ -495,6 +505,14 @@ class EvaluationSpec(_Strict):
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     data_dir: str | None = None
     include_path: list[str] = Field(default_factory=list)  # folders of lm-eval task YAML (lm_eval --include_path)
+
+    @model_validator(mode="after")
+    def _limits_name_suites(self):
+        limit = self.settings.limit
+        unknown = sorted(set(limit) - set(self.suites)) if isinstance(limit, dict) else []
+        if unknown:
+            raise ValueError(f"settings.limit names {', '.join(unknown)}, not in suites {self.suites}")
+        return self
 
 
 class RuntimeSpec(_Strict):
@@ -758,9 +776,16 @@ def check_local_paths(cfg: ExperimentConfig, source: str) -> None:
             p = spec.model_ref.path
             if not p.exists():
                 raise ConfigError(f"{source}: {where}.ref: model path {spec.ref} does not exist")
-    for i, f in enumerate(cfg.corpus.paths):
-        if not Path(f).expanduser().exists():
-            raise ConfigError(f"{source}: corpus.paths.{i}: file {f} does not exist")
+    from harness.corpus import CorpusError, path_entries
+
+    try:
+        entries = path_entries(cfg.corpus.paths)
+    except CorpusError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for i, (_, files) in enumerate(entries):
+        for f in files:
+            if not f.exists():
+                raise ConfigError(f"{source}: corpus.paths.{i}: file {f} does not exist")
     from baselines.merging import external_model_paths
 
     for i, merge in enumerate(cfg.baselines.merges):

@@ -1,7 +1,7 @@
 """Corpus loading: documents with a domain, split into train / validation.
 
-Kinds: `micro` (the micro world's own splits), `text_files` (one domain per file; documents are groups of
-paragraphs up to `DOC_CHARS` characters), `jsonl` (one document per row, `text_field`; the domain is the row's
+Kinds: `micro` (the micro world's own splits), `text_files` (one domain per `paths` entry; documents are groups
+of paragraphs up to `DOC_CHARS` characters), `jsonl` (one document per row, `text_field`; the domain is the row's
 `domain` field or the file stem), `datasets` (one document per row of `datasets.load_dataset(**corpus.dataset)`,
 a hub id or local files, streamed on request, capped by `max_docs` / `max_tokens`; the domain is the row's
 `domain_field` or `dataset_domain`). `.gz` files are read transparently.
@@ -13,6 +13,7 @@ the file and the byte offset named, never turned into documents of replacement c
 from __future__ import annotations
 
 import codecs
+import glob
 import gzip
 import json
 import os
@@ -31,6 +32,48 @@ _BINARY_CONTROL_SHARE = 0.01
 
 class CorpusError(ValueError):
     pass
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_DOMAIN_PREFIX = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+
+
+def path_entry(entry: str) -> tuple[str, list[Path]]:
+    """(domain, files) of one `corpus.paths` entry.
+
+    An entry is a file (its domain: the file name up to the first dot), a glob pattern (`**` recursive; every
+    matching file, sorted, makes one domain named after the last folder before the first wildcard, e.g.
+    `fusion/**/*.py` -> "fusion"), either one prefixed by `DOMAIN=` to name the domain (`code=fusion/**/*.py`,
+    `wikitext=../shared/data/text/wikitext-2/valid.txt`). An existing file whose name holds "=" is read as a file.
+    Files that do not exist are returned as they are (the caller names the missing one); a pattern matching no
+    file raises CorpusError.
+    """
+    domain, spec = None, entry
+    m = _DOMAIN_PREFIX.match(entry)
+    if m and not Path(entry).expanduser().is_file():
+        domain, spec = m.group(1), m.group(2)
+    if not _GLOB_CHARS.search(spec):
+        path = Path(spec).expanduser()
+        return domain or path.name.split(".")[0], [path]
+    files = sorted(Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+    if not files:
+        raise CorpusError(f"no file matches the pattern {spec!r}")
+    if domain is None:
+        parts = Path(spec).parts
+        literal = parts[:next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))]
+        domain = Path(*literal).expanduser().resolve().name if literal else Path.cwd().name
+    return domain, files
+
+
+def path_entries(paths: list[str], where: str = "corpus.paths") -> list[tuple[str, list[Path]]]:
+    """path_entry of each entry; a bad one raises CorpusError naming `where.<index>`."""
+    out = []
+    for i, entry in enumerate(paths):
+        try:
+            out.append(path_entry(entry))
+        except CorpusError as exc:
+            raise CorpusError(f"{where}.{i}: {exc}") from None
+    return out
 
 
 def read_text(path: Path, encoding: str = "utf-8", where: str = "corpus") -> str:
@@ -93,16 +136,14 @@ def paragraphs_to_documents(text: str, max_chars: int = DOC_CHARS, min_chars: in
 
 def _domain_docs(spec) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for i, name in enumerate(spec.paths):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise CorpusError(f"corpus.paths.{i}: file {path} does not exist")
-        stem = path.name.split(".")[0]
-        text = read_text(path, spec.encoding, where=f"corpus.paths.{i}")
-        if spec.kind == "text_files":
-            docs = paragraphs_to_documents(text, min_chars=spec.min_chars)
-            out.setdefault(stem, []).extend(docs)
-        else:
+    for i, (domain, files) in enumerate(path_entries(spec.paths)):
+        for path in files:
+            if not path.is_file():
+                raise CorpusError(f"corpus.paths.{i}: file {path} does not exist")
+            text = read_text(path, spec.encoding, where=f"corpus.paths.{i}")
+            if spec.kind == "text_files":
+                out.setdefault(domain, []).extend(paragraphs_to_documents(text, min_chars=spec.min_chars))
+                continue
             for ln, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -115,9 +156,10 @@ def _domain_docs(spec) -> dict[str, list[str]]:
                                       f"(set corpus.text_field)")
                 text = str(row[spec.text_field])
                 if len(text) >= spec.min_chars:
-                    out.setdefault(str(row.get("domain", stem)), []).append(text)
-        if not out.get(stem) and spec.kind == "text_files":
-            raise CorpusError(f"corpus.paths.{i}: {path} holds no document of at least {spec.min_chars} characters")
+                    out.setdefault(str(row.get("domain", domain)), []).append(text)
+        if not out.get(domain) and spec.kind == "text_files":
+            what = files[0] if len(files) == 1 else f"the {len(files)} files of {spec.paths[i]!r}"
+            raise CorpusError(f"corpus.paths.{i}: {what} holds no document of at least {spec.min_chars} characters")
     return out
 
 
@@ -162,8 +204,6 @@ def open_dataset(dataset):
 def local_data_files(spec) -> list[Path]:
     """The local files a corpus reads, sorted (globs and folders expanded; a missing one is left out): what
     its cache key should hash. Hub datasets contribute nothing (their revision names their content)."""
-    import glob
-
     if spec.kind in ("text_files", "jsonl"):
         return sorted(Path(p).expanduser() for p in spec.paths if Path(p).expanduser().is_file())
     if spec.kind != "datasets":
@@ -190,11 +230,16 @@ def corpus_problems(spec) -> list[str]:
     """One line per reason the corpus stage would fail, found without reading the corpus: a corpus file, data file
     or local dataset folder that does not exist (glob patterns need one match), or, offline (HF_HUB_OFFLINE /
     HF_DATASETS_OFFLINE), a hub dataset missing from the datasets cache. Nothing is downloaded."""
-    import glob
-
     if spec.kind in ("text_files", "jsonl"):
-        return [f"corpus.paths.{i}: file {p} does not exist" for i, p in enumerate(spec.paths)
-                if not Path(p).expanduser().is_file()]
+        problems = []
+        for i, entry in enumerate(spec.paths):
+            try:
+                _, files = path_entry(entry)
+            except CorpusError as exc:
+                problems.append(f"corpus.paths.{i}: {exc}")
+                continue
+            problems += [f"corpus.paths.{i}: file {f} does not exist" for f in files if not f.is_file()]
+        return problems
     if spec.kind != "datasets":
         return []
     missing = [f for f in _local_patterns(spec.dataset) if not glob.glob(str(Path(f).expanduser()))]

@@ -240,23 +240,33 @@ def _micro_tokens(corpus) -> tuple[int, str]:
 
 def _file_bytes(corpus, base: Path) -> tuple[float, list[str], str | None]:
     """(estimated text bytes of the corpus files present, files absent, a known corpus named by an absent file)."""
-    from harness.corpus import DOC_CHARS, local_data_files
+    from harness.corpus import DOC_CHARS, CorpusError, local_data_files, path_entries
 
     total, missing, known = 0.0, [], None
-    present = {p.resolve() for p in local_data_files(corpus)} if corpus.kind == "datasets" else set()
-    names = corpus.paths if corpus.kind != "datasets" else [str(p) for p in sorted(present)]
-    for p in names:
-        path = Path(p).expanduser()
-        path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            missing.append(p)
-            known = known or next((n for n in KNOWN_CORPORA if "/" not in n and n in path.name.lower()), None)
-            continue
-        # gzip text compresses ~3x; jsonl adds ~10% of keys and quoting
-        size = path.stat().st_size * (3.0 if path.suffix == ".gz" else 1.0) * (0.9 if ".json" in path.name else 1.0)
+    if corpus.kind == "datasets":
+        present = sorted({p.resolve() for p in local_data_files(corpus)})
+        entries = [(str(p), [p]) for p in present]
+    else:
+        try:
+            entries = path_entries(corpus.paths)
+        except CorpusError:  # a pattern matching nothing here: counted as missing
+            entries = []
+            missing = list(corpus.paths)
+    for domain, files in entries:
+        domain_size = 0.0
+        for named in files:
+            path = named.expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                missing.append(str(named))
+                known = known or next((n for n in KNOWN_CORPORA if "/" not in n and n in path.name.lower()), None)
+                continue
+            # gzip text compresses ~3x; jsonl adds ~10% of keys and quoting
+            domain_size += (path.stat().st_size * (3.0 if path.suffix == ".gz" else 1.0)
+                            * (0.9 if ".json" in path.name else 1.0))
         if corpus.kind == "text_files" and corpus.max_docs_per_domain:
-            size = min(size, corpus.max_docs_per_domain * DOC_CHARS)  # documents are ~DOC_CHARS long
-        total += size
+            domain_size = min(domain_size, corpus.max_docs_per_domain * DOC_CHARS)  # documents are ~DOC_CHARS long
+        total += domain_size
     return total, missing, known
 
 
@@ -303,7 +313,12 @@ def _n_domains(cfg: ExperimentConfig) -> int | None:
 
         return len(DOMAINS)
     if cfg.corpus.kind == "text_files":
-        return len({Path(p).name.split(".")[0] for p in cfg.corpus.paths})
+        from harness.corpus import CorpusError, path_entries
+
+        try:
+            return len({domain for domain, _ in path_entries(cfg.corpus.paths)})
+        except CorpusError:
+            return None
     if cfg.corpus.kind == "datasets" and cfg.corpus.domain_field is None:
         return 1
     return None

@@ -102,7 +102,9 @@ class Graph:
 
             files = files_identity([str(p) for p in local_data_files(cfg.corpus)], self.hashes)
         elif cfg.corpus.kind != "micro":
-            files = files_identity(cfg.corpus.paths, self.hashes)
+            from harness.corpus import path_entries
+
+            files = files_identity([str(f) for _, fs in path_entries(cfg.corpus.paths) for f in fs], self.hashes)
         return CorpusStage("corpus", self.world, cfg.corpus, cfg.training.block_size, toks, files=files,
                            models=specs, seed=cfg.seed)
 

@@ -47,13 +47,17 @@ class EvalSettings:
     dtype: str = "float32"
     num_fewshot: int | None = None      # None = suite default (bbh 3, commonsense 0, multipl_e always 0)
     seed: int = 1234
-    limit: int | None = None            # examples per task
+    limit: int | dict | None = None     # examples per task, or {suite: examples per task} (others in full)
     device: str | None = None           # None: harness.runtime's auto (the GPU when visible, else CPU)
     attn_implementation: str | None = None  # None: transformers' default (sdpa where supported)
     bbh_variant: str = "direct"         # or "cot": chain-of-thought prompts from the data's cot-prompts/
     multipl_e_languages: tuple[str, ...] = field(default_factory=available_languages)
     max_gen_toks: int = 256             # tokens generated per example (bbh, multipl_e)
     bbh_strip_whitespace: bool = False  # True: BBH exact match ignores leading/trailing whitespace (not lm-eval's)
+
+    def limit_for(self, suite: str) -> int | None:
+        """Examples per task for `suite` (None: all)."""
+        return self.limit.get(suite) if isinstance(self.limit, dict) else self.limit
 
 
 def suite_tasks(suite: str, settings: EvalSettings) -> list[str]:
@@ -478,7 +482,7 @@ def _run_lm_eval(lm, suite: str, tasks: list[str], num_fewshot, manager, setting
     with _code_eval_allowed() if unsafe else contextlib.nullcontext(), summarised_truncation(model_name, suite):
         return simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=settings.batch_size, device=settings.device,
-            limit=settings.limit, task_manager=manager, log_samples=log_samples, random_seed=settings.seed,
+            limit=settings.limit_for(suite), task_manager=manager, log_samples=log_samples, random_seed=settings.seed,
             numpy_random_seed=settings.seed, torch_random_seed=settings.seed, fewshot_random_seed=settings.seed,
             confirm_run_unsafe_code=unsafe, verbosity="WARNING")
 

@@ -285,3 +285,15 @@ def test_file_corpus_settings_on_the_micro_corpus_are_an_error_not_ignored():
     with pytest.raises(ConfigError, match=r"corpus: min_chars: only for file and datasets corpora"):
         validate_config({**base, "corpus": {"kind": "micro", "min_chars": 50}})
     assert validate_config({**base, "corpus": {"kind": "micro", "min_chars": 20}}).corpus.min_chars == 20
+
+
+@pytest.mark.parametrize("limit, message", [
+    (0, r"evaluation\.settings\.limit: .*limit must be a positive number of examples, got 0"),
+    ({"micro": 0}, r"evaluation\.settings\.limit: .*limit\.micro must be a positive number of examples, got 0"),
+    ({"bbh": 3}, r"evaluation: .*settings\.limit names bbh, not in suites \['micro'\]"),
+])
+def test_limit_is_a_number_or_one_per_suite_of_the_run(tmp_path, limit, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, _minimal(evaluation={"settings": {"limit": limit}})))
+    ok = load_config(_write(tmp_path, _minimal(evaluation={"settings": {"limit": {"micro": 5}}}), "ok.yaml"))
+    assert ok.evaluation.settings.limit == {"micro": 5}

@@ -7,11 +7,13 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, CorpusSpec, validate_config
-from harness.corpus import CorpusError, corpus_problems, load_corpus_splits, local_data_files, read_text
+from harness.config import ConfigError, CorpusSpec, check_local_paths, validate_config
+from harness.corpus import (CorpusError, corpus_problems, load_corpus_splits, local_data_files, path_entry,
+                            read_text)
 
 PROSE = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 20
 
@@ -212,3 +214,42 @@ def test_new_corpus_fields_leave_existing_cache_keys_alone():
     assert CorpusSpec(kind="jsonl", paths=["a.jsonl"]).model_dump() == {
         "kind": "jsonl", "paths": ["a.jsonl"], "text_field": "text", "max_docs_per_domain": None,
         "validation_fraction": 0.1, "min_chars": 20, "encoding": "utf-8"}
+
+
+def test_a_glob_entry_is_one_domain_named_after_its_folder_and_a_prefix_renames_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text(PROSE)
+    (pkg / "sub" / "b.py").write_text(PROSE)
+    (pkg / "notes.md").write_text(PROSE)
+    other = tmp_path / "valid.txt"
+    other.write_text(PROSE)
+    monkeypatch.chdir(tmp_path)
+    assert path_entry("pkg/**/*.py") == ("pkg", [Path("pkg/a.py"), Path("pkg/sub/b.py")])
+    assert path_entry("code=pkg/*.py") == ("code", [Path("pkg/a.py")])
+    assert path_entry("wiki=valid.txt") == ("wiki", [Path("valid.txt")])
+    assert path_entry("valid.txt") == ("valid", [Path("valid.txt")])
+    splits = load_corpus_splits(_spec("text_files", "code=pkg/**/*.py", "wiki=valid.txt", validation_fraction=0.5))
+    domains = {r["domain"] for rows in splits.values() for r in rows}
+    assert domains == {"code", "wiki"}
+    # two files of code, one of wiki: every paragraph group of both files lands in "code"
+    assert sum(r["domain"] == "code" for rows in splits.values() for r in rows) == \
+        2 * sum(r["domain"] == "wiki" for rows in splits.values() for r in rows)
+
+
+def test_a_file_whose_name_holds_an_equals_sign_is_read_as_a_file(tmp_path, monkeypatch):
+    (tmp_path / "a=b.txt").write_text(PROSE)
+    monkeypatch.chdir(tmp_path)
+    assert path_entry("a=b.txt") == ("a=b", [Path("a=b.txt")])
+
+
+def test_a_pattern_that_matches_nothing_names_the_entry(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CorpusError, match=r"^corpus\.paths\.1: no file matches the pattern 'src/\*\*/\*\.py'$"):
+        load_corpus_splits(_spec("text_files", tmp_path / "x.txt", "src/**/*.py"))
+    cfg = validate_config({"name": "t", "target": {"name": "m", "ref": "micro:llama-docs"},
+                           "sources": [{"name": "m", "ref": "micro:llama-docs"}],
+                           "world": {"kind": "micro"},
+                           "corpus": {"kind": "text_files", "paths": ["code=src/*.py"]}}, "t.yaml")
+    with pytest.raises(ConfigError, match=r"^t\.yaml: corpus\.paths\.0: no file matches the pattern 'src/\*\.py'$"):
+        check_local_paths(cfg, "t.yaml")

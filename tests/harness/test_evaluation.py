@@ -111,17 +111,19 @@ def test_offline_without_data_fails_fast_naming_files(tmp_path, monkeypatch, tin
         assert str(empty) in message
 
 
-def test_shared_data_suites_run_with_limit_2(tiny_llama_dir, shared_data, tmp_path):
-    settings = EvalSettings(limit=2, max_gen_toks=8, multipl_e_languages=("python", "js", "nosuchlang"))
+def test_shared_data_suites_run_with_a_limit_per_suite(tiny_llama_dir, shared_data, tmp_path):
+    settings = EvalSettings(limit={"bbh": 1, "commonsense": 3, "multipl_e": 2}, max_gen_toks=8,
+                            multipl_e_languages=("python", "js", "nosuchlang"))
     frame = evaluate(tiny_llama_dir, ["bbh", "commonsense", "multipl_e"], settings, data_dir=shared_data,
                      log_samples_dir=tmp_path / "samples")
     bbh = frame[frame.suite == "bbh"]
     assert list(bbh.task[:-1]) == suite_tasks("bbh", settings) and len(bbh) == 28
-    assert bbh.iloc[-1].task == "fuselab_bbh" and bbh.iloc[-1].n == 54
-    assert (bbh.n.iloc[:-1] == 2).all() and bbh.value.between(0, 1).all()
+    assert bbh.iloc[-1].task == "fuselab_bbh" and bbh.iloc[-1].n == 27
+    assert (bbh.n.iloc[:-1] == 1).all() and bbh.value.between(0, 1).all()
 
     commonsense = frame[frame.suite == "commonsense"]
     assert set(commonsense.metric) == {"acc", "acc_norm"}
+    assert (commonsense[commonsense.task != "fuselab_commonsense"].n == 3).all()
     assert set(commonsense.task) == set(suite_tasks("commonsense", settings)) | {"fuselab_commonsense"}
     per_task = commonsense[(commonsense.task != "fuselab_commonsense") & (commonsense.metric == "acc")]
     group_acc = commonsense[(commonsense.task == "fuselab_commonsense") & (commonsense.metric == "acc")].value.item()
