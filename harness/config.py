@@ -113,7 +113,7 @@ class DatasetSpec(_Strict):
 
 
 # CorpusSpec fields added after cache keys existed: left out of its dump while unset, so keys stay the same.
-_CORPUS_OPTIONAL = ("dataset", "domain_field", "max_docs", "max_tokens", "expected_tokens")
+_CORPUS_OPTIONAL = ("dataset", "domain_field", "max_docs", "max_tokens", "expected_tokens", "test_fraction")
 
 
 class CorpusSpec(_Strict):
@@ -128,6 +128,8 @@ class CorpusSpec(_Strict):
     max_tokens: int | None = Field(None, ge=1)  # datasets: the first documents totalling at most N target tokens
     expected_tokens: int | None = Field(None, ge=1)  # declared size (training tokens) for `fuselab plan`
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # file and datasets corpora: a held-out test split (reported on, never selected on; studies' `heldout`)
+    test_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     min_chars: int = Field(20, ge=1)
     encoding: str = "utf-8"  # how corpus files are decoded; undecodable bytes are an error, never replaced
 
@@ -156,7 +158,12 @@ class CorpusSpec(_Strict):
         for name in ("dataset", "domain_field", "max_docs", "max_tokens"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: only for kind datasets (this corpus is kind {self.kind})")
+        if self.test_fraction is not None and self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError(f"test_fraction: validation_fraction {self.validation_fraction} + test_fraction "
+                             f"{self.test_fraction} leave no training documents")
         if self.kind == "micro":  # the micro world generates its documents: file settings would be ignored
+            if self.test_fraction is not None:
+                raise ValueError("test_fraction: the micro world brings its own test split")
             for name in ("paths", "min_chars", "encoding", "text_field"):
                 if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
                     raise ValueError(f"{name}: only for file and datasets corpora; the micro corpus is generated "
@@ -491,12 +498,22 @@ class PerplexitySpec(_Strict):
     # fusion.windows: FuseLab's strided windows, or lm-eval's loglikelihood_rolling ones (window = its
     # max_length; stride unused)
     convention: Literal["strided", "lm_eval_rolling"] = "strided"
+    # which held-out documents: validation (what settings are chosen on) or test (what the chosen one is
+    # reported on; the micro world's test split, or corpus.test_fraction of file corpora)
+    split: Literal["validation", "test"] = "validation"
 
     @model_validator(mode="after")
     def _stride_fits(self):
         if self.convention == "strided" and self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) must be <= window ({self.window})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_split(self, handler):  # added after cache keys existed: validation keeps the old keys
+        data = handler(self)
+        if data.get("split") == "validation":
+            data.pop("split")
+        return data
 
 
 class EvaluationSpec(_Strict):
@@ -601,6 +618,8 @@ class ExperimentConfig(_Strict):
             raise ValueError("world: micro:* models or a micro corpus need `world: {kind: micro}`")
         if self.corpus.kind in ("text_files", "jsonl") and not self.corpus.paths:
             raise ValueError(f"corpus.paths: corpus kind {self.corpus.kind!r} needs at least one file")
+        if self.evaluation.perplexity.split == "test" and self.corpus.kind != "micro" and not self.corpus.test_fraction:
+            raise ValueError("evaluation.perplexity.split: test needs a test split: set corpus.test_fraction")
         ensemble = self.baselines.ensemble
         if ensemble.enabled and ensemble.members:
             unknown = sorted(set(ensemble.members) - set(labels))
@@ -620,7 +639,12 @@ class ExperimentConfig(_Strict):
 
             return list(DOMAINS)
         if self.corpus.kind == "text_files":
-            return sorted({Path(p).name.split(".")[0] for p in self.corpus.paths})
+            from harness.corpus import CorpusError, path_entries
+
+            try:
+                return sorted({domain for domain, _ in path_entries(self.corpus.paths)})
+            except CorpusError:  # a pattern matching nothing: check_local_paths names it
+                return None
         return None  # jsonl: the domains are in the data
 
     def _check_merges_fit_the_pool(self) -> None:

@@ -289,26 +289,34 @@ def _dataset_docs(spec, count_tokens) -> dict[str, list[str]]:
 
 def load_corpus_splits(spec, *, world=None, seed: int = 0,
                        count_tokens: Callable[[str], int] | None = None) -> dict[str, list[dict]]:
-    """-> {"train": [{"domain", "text"}...], "validation": [...]}; deterministic for a seed.
+    """-> {"train": [{"domain", "text"}...], "validation": [...], "test": [...]}; deterministic for a seed.
+    "test" is there for the micro world (its own test split) and for file / datasets corpora with
+    `corpus.test_fraction` (per domain, taken from the shuffled documents before the validation ones).
     count_tokens(text) -> tokens of the target's tokenizer: needed by `corpus.max_tokens` only."""
     if spec.kind == "micro":
         if world is None:
             raise CorpusError("corpus.kind: micro needs the micro world (`world: {kind: micro}`)")
-        splits = {s: [{"domain": r["domain"], "text": r["text"]} for r in world.corpus(s)] for s in ("train", "validation")}
+        splits = {s: [{"domain": r["domain"], "text": r["text"]} for r in world.corpus(s)]
+                  for s in ("train", "validation", "test")}
         if spec.max_docs_per_domain:
             splits = {s: _cap(rows, spec.max_docs_per_domain) for s, rows in splits.items()}
     else:
         rng = random.Random(seed)
-        splits = {"train": [], "validation": []}
+        splits = {"train": [], "validation": [], **({"test": []} if spec.test_fraction else {})}
         by_domain = _dataset_docs(spec, count_tokens) if spec.kind == "datasets" else _domain_docs(spec)
         for domain, docs in sorted(by_domain.items()):
             docs = list(docs)
             rng.shuffle(docs)
             if spec.max_docs_per_domain:
                 docs = docs[: spec.max_docs_per_domain]
-            n_val = max(1, round(len(docs) * spec.validation_fraction)) if len(docs) > 1 else 0
-            splits["validation"] += [{"domain": domain, "text": t} for t in docs[:n_val]]
-            splits["train"] += [{"domain": domain, "text": t} for t in docs[n_val:]]
+            # both fractions are of the domain's documents; each held-out split gets at least one document
+            # while one is left for training
+            n_test = max(1, round(len(docs) * spec.test_fraction)) if spec.test_fraction and len(docs) > 2 else 0
+            n_val = max(1, round(len(docs) * spec.validation_fraction)) if len(docs) - n_test > 1 else 0
+            if n_test:
+                splits["test"] += [{"domain": domain, "text": t} for t in docs[:n_test]]
+            splits["validation"] += [{"domain": domain, "text": t} for t in docs[n_test:n_test + n_val]]
+            splits["train"] += [{"domain": domain, "text": t} for t in docs[n_test + n_val:]]
     if not splits["train"]:
         where = spec.dataset.path if spec.kind == "datasets" else ", ".join(spec.paths) or "the micro world"
         raise CorpusError(f"corpus: no training documents in {where} (empty corpus)")

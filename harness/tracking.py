@@ -43,7 +43,7 @@ MAX_TAG_VALUE_CHARS = 8000  # MAX_TAG_VAL_LENGTH
 PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
 
-TAG_ROLE = "fuselab.role"  # "experiment" | "method" | "study" | "trial" | "report"
+TAG_ROLE = "fuselab.role"  # "experiment" | "method" | "study" | "trial" | "heldout" | "report"
 TAG_STUDY = "fuselab.study"
 TAG_CONFIG_HASH = "fuselab.config_hash"
 TAG_EXPERIMENT = "fuselab.experiment"

@@ -9,3 +9,4 @@ ATTR_SPEC_HASH = "fuselab.spec_hash"  # study: identity of the spec + overrides 
 ATTR_GRID_SIZE = "fuselab.grid_size"  # study: set once the grid is queued
 ATTR_OBJECTIVE = "fuselab.objective"  # study: {"metric": ..., "direction": ...}
 ATTR_SEARCH_SPACE = "fuselab.search_space"  # study: searched param names, in spec order
+ATTR_HELDOUT = "fuselab.heldout"  # study: the chosen setting on the test split (studies.heldout)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.figures import INTERVAL_LABEL, _plt, _save, draw_bars, is_bpb, method_color
 from harness.report import CLM_METHOD, TARGET_METHOD, _fmt, _num, experiment_report, write_report
-from studies.attrs import ATTR_ERROR, ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE, ATTR_SETTING
+from studies.attrs import ATTR_ERROR, ATTR_HELDOUT, ATTR_OBJECTIVE, ATTR_RUNS, ATTR_SEARCH_SPACE, ATTR_SETTING
 from studies.spec import SEED_PARAM, load_spec
 
 
@@ -283,36 +283,60 @@ def _fmt_ablation(ab: pd.DataFrame, params: list[str]) -> pd.DataFrame:
 
 
 
-def _contestant_section(study, out_dir: Path) -> list[str]:
+def _contestant_section(study, out_dir: Path, heldout: bool = False) -> list[str]:
     """Every contestant over the seeds (studies.seeds): mean [interval] per score, paired differences against
-    the target, CLM-only and the best merge. Empty for studies whose runs recorded no methods."""
+    the target, CLM-only and the best merge. Empty for studies whose runs recorded no methods. `heldout`: the
+    chosen setting on the test split (files `heldout_*.csv`)."""
     from studies.seeds import contestant_table, seed_comparisons
 
-    table = contestant_table(study)
+    table = contestant_table(study, heldout)
     if not len(table):
         return []
-    table.to_csv(out_dir / "contestants.csv", index=False)
+    prefix, split = ("heldout_", "test") if heldout else ("", "validation")
+    table.to_csv(out_dir / f"{prefix}contestants.csv", index=False)
     params = [c for c in (study.user_attrs.get(ATTR_SEARCH_SPACE) or []) if c in table.columns]
     shown = _fmt_ablation(table, [*params, "model", "method"]).set_index("model")
-    md = ["## Every contestant over the seeds\n",
+    md = [f"{'###' if heldout else '##'} Every contestant over the seeds ({split} split)\n",
           "Mean [95% Student-t interval over the seeds] of each contestant's scores (n_seeds seeds; no interval "
-          "for one seed); suite columns are fractions, `bpb_*` bits per byte on held-out text (lower is better).\n",
+          f"for one seed); suite columns are fractions, `bpb_*` bits per byte on the held-out {split} documents "
+          "(lower is better).\n",
           _fmt(shown.drop(columns=[c for c in params if c in shown.columns]))]
-    cmp = seed_comparisons(study)
+    cmp = seed_comparisons(study, heldout=heldout)
     if len(cmp):
-        cmp.to_csv(out_dir / "contestant_comparisons.csv", index=False)
+        cmp.to_csv(out_dir / f"{prefix}contestant_comparisons.csv", index=False)
         bpb = cmp[cmp["score"].str.startswith("bpb_")]
         cells = bpb.assign(cell=[f"{d:+.4f}" + ("" if pd.isna(lo) else f" [{lo:+.4f}, {hi:+.4f}]")
                                  + ("" if pd.isna(pv) else f" p={pv:.2g}") + f" ({b} better)"
                                  for d, lo, hi, pv, b in zip(bpb["difference"], bpb["lo"], bpb["hi"],
                                                              bpb["p_value"], bpb["better_in"])])
         pivot = cells.pivot_table(index=["model", "vs"], columns="score", values="cell", aggfunc="first", sort=False)
-        md += ["### Paired over the seeds (bits per byte)\n",
+        md += [f"{'####' if heldout else '###'} Paired over the seeds (bits per byte, {split} split)\n",
                "Model minus reference, seed by seed (same held-out documents): mean [95% Student-t interval], "
                "two-sided t-test p over the seeds, and in how many seeds the model had the lower bits per byte. "
                "References: the target (base), CLM-only and the best merge (lowest mean bpb_avg).\n",
                pivot.reset_index().to_markdown(index=False) + "\n"]
     return md
+
+
+def _heldout_section(study, out_dir: Path) -> list[str]:
+    """The chosen setting on the test split (studies.heldout)."""
+    record = study.user_attrs.get(ATTR_HELDOUT)
+    if record is None:
+        return []
+    md = ["## Held-out test split: the chosen setting\n"]
+    if "skipped" in record or "failed" in record:
+        what = f"not run: {record['skipped']}" if "skipped" in record else f"failed: {record['failed']}"
+        return md + [f"Every score above is on the validation split the setting was chosen on; a held-out test run "
+                     f"was {what}.\n"]
+    objective = (study.user_attrs.get(ATTR_OBJECTIVE) or {}).get("metric", "objective")
+    test = [r["metrics"][objective] for r in record["runs"] if objective in r["metrics"]]
+    md.append(f"Chosen on the validation split: **{record['setting']}** (best mean `{objective}` = "
+              f"{record['validation_objective']:.4f} over its seeds). Run again on the test split's documents, "
+              f"which no setting was chosen on, with the same trained models (seeds "
+              f"{', '.join(str(r['seed']) for r in record['runs'])}): `{objective}` = "
+              f"{sum(test) / len(test):.4f} (mean of {len(test)}). The validation figure of the chosen setting is "
+              "biased in its favour (the best of several noisy numbers); the test figures below are not.\n")
+    return md + _contestant_section(study, out_dir, heldout=True)
 
 
 def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
@@ -358,6 +382,7 @@ def _study_section(study, out_dir: Path, title: str | None) -> list[str]:
         else:
             md.append("Parameter importances: not computable (needs >= 2 complete trials with varying params).\n")
     md += _contestant_section(study, out_dir)
+    md += _heldout_section(study, out_dir)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         md.append("## Failed trials\n")

@@ -48,6 +48,7 @@ from harness.tracking import (
 )
 from studies.attrs import (ATTR_ERROR, ATTR_GRID_SIZE, ATTR_OBJECTIVE, ATTR_RUN_ID, ATTR_RUNS, ATTR_SEARCH_SPACE,
                            ATTR_SETTING, ATTR_SPEC_HASH, ATTR_WORKER)
+from studies.heldout import heldout_pending, run_heldout
 from studies.spec import SEED_PARAM, CategoricalSpace, FloatSpace, StudySpec, load_spec
 
 ObjectiveFn = Callable[..., Any]  # (cfg, *, tracker, parent_run_id, trial) -> ExperimentResult | dict
@@ -147,6 +148,21 @@ def run_pipeline(cfg: ExperimentConfig, *, tracker: Tracker, parent_run_id: str,
     return run_experiment(cfg, tracker=tracker, parent_run_id=parent_run_id, progress=progress)
 
 
+def run_record(out, seed: int, spec: StudySpec) -> dict:
+    """What a study keeps of one experiment run (ATTR_RUNS): {"seed", "metrics", "methods"}."""
+    metric = spec.objective.metric
+    metrics = {k: float(v) for k, v in (out.metrics if hasattr(out, "metrics") else dict(out)).items()}
+    if metric not in metrics:
+        raise KeyError(f"{spec.source_name}: objective.metric {metric!r} is not among the experiment's "
+                       f"metrics ({', '.join(sorted(metrics)[:20])}...); pick one of these")
+    record = {"seed": int(seed), "metrics": metrics}
+    results = getattr(out, "results", None)
+    if results is not None and {"model", "method"} <= set(results.columns):
+        # which model is the target / CLM-only: the ablation report's baselines (harness.report)
+        record["methods"] = dict(zip(map(str, results["model"]), map(str, results["method"])))
+    return record
+
+
 def setting_label(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k != SEED_PARAM) or "base"
 
@@ -226,16 +242,7 @@ class Objective:
         for i, seed in enumerate(seeds):
             cfg = self.spec.config_for({k: v for k, v in params.items() if k != SEED_PARAM}, seed)
             out = self.objective_fn(cfg, tracker=self.tracker, parent_run_id=run_id, trial=trial)
-            metrics = {k: float(v) for k, v in (out.metrics if hasattr(out, "metrics") else dict(out)).items()}
-            if metric not in metrics:
-                raise KeyError(f"{self.spec.source_name}: objective.metric {metric!r} is not among the experiment's "
-                               f"metrics ({', '.join(sorted(metrics)[:20])}...); pick one of these")
-            run_record = {"seed": int(seed), "metrics": metrics}
-            results = getattr(out, "results", None)
-            if results is not None and {"model", "method"} <= set(results.columns):
-                # which model is the target / CLM-only: the ablation report's baselines (harness.report)
-                run_record["methods"] = dict(zip(map(str, results["model"]), map(str, results["method"])))
-            runs.append(run_record)
+            runs.append(run_record(out, seed, self.spec))
             trial.set_user_attr(ATTR_RUNS, runs)
             if len(seeds) > 1:
                 so_far = _mean([r["metrics"][metric] for r in runs])
@@ -454,11 +461,25 @@ def run_study(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     if study_finished(spec, study):
         # Every worker that sees the end gets here; the lock and the status check make one of them close.
         with file_lock(workdir / f".study-{spec.study_name}.lock"):
-            if tracker.run_status(parent) == "RUNNING":
+            # a study completed before it had a held-out run gets one (and a new report) when run again
+            if tracker.run_status(parent) == "RUNNING" or heldout_pending(study):
+                _held_out(spec, study, tracker, parent, objective_fn, bool(progress))
                 _close_study_run(spec, study, tracker, parent, report, workdir)
     if progress:
         print(study_summary(spec, study, objective.started), flush=True)
     return study
+
+
+def _held_out(spec: StudySpec, study: optuna.Study, tracker: Tracker, parent: str, objective_fn: ObjectiveFn,
+              progress: bool) -> None:
+    """The held-out test run of the chosen setting (studies.heldout); a failure is recorded, not raised: the
+    study's own trials are complete."""
+    try:
+        run_heldout(spec, study, tracker, parent, objective_fn, progress)
+    except Exception as exc:
+        print(f"[{spec.study_name}] held-out test run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # a failed one is tried again the next time the study is run
+        study.set_user_attr(ATTR_HELDOUT, {"failed": f"{type(exc).__name__}: {exc}"})
 
 
 def _close_study_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, parent: str, report: bool,

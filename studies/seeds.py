@@ -17,22 +17,29 @@ from typing import Any
 import pandas as pd
 
 from harness.report import CLM_METHOD, TARGET_METHOD
-from studies.attrs import ATTR_RUNS, ATTR_SEARCH_SPACE
+from studies.attrs import ATTR_HELDOUT, ATTR_RUNS, ATTR_SEARCH_SPACE
 
 MERGE_METHOD = "merge"
 BEST_MERGE = "best merge"
 
 
-def seed_runs(study) -> tuple[list[str], pd.DataFrame]:
+def seed_runs(study, heldout: bool = False) -> tuple[list[str], pd.DataFrame]:
     """(the searched params, one row per (setting, seed, model): params, seed, model, method, and every score
-    column of the results table for that model)."""
+    column of the results table for that model). `heldout`: the chosen setting's runs on the test split
+    (studies.heldout) instead of the trials'."""
     from optuna.trial import TrialState
 
     params = list(study.user_attrs.get(ATTR_SEARCH_SPACE) or [])
+    if heldout:
+        record = study.user_attrs.get(ATTR_HELDOUT) or {}
+        settings = [(record.get("params") or {}, record.get("runs") or [])]
+    else:
+        trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.number)
+        settings = [(t.params, t.user_attrs.get(ATTR_RUNS) or []) for t in trials]
     rows, seen = [], set()
-    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.number):
-        setting = {k: v for k, v in t.params.items() if k in params}
-        for r in t.user_attrs.get(ATTR_RUNS) or []:
+    for point, runs in settings:
+        setting = {k: v for k, v in point.items() if k in params}
+        for r in runs:
             key = (tuple(setting.items()), r["seed"])
             if key in seen:  # a point re-run after a dead worker counts once (the latest)
                 continue
@@ -48,12 +55,12 @@ def score_columns(frame: pd.DataFrame, params: list[str]) -> list[str]:
             and pd.api.types.is_numeric_dtype(frame[c])]
 
 
-def contestant_table(study) -> pd.DataFrame:
+def contestant_table(study, heldout: bool = False) -> pd.DataFrame:
     """Rows: (params..., model, method, n_seeds) in the order the trials list the models; per score column
     `<col> mean`, `<col> lo`, `<col> hi` (95% Student-t interval over the seeds, NaN for one seed)."""
     from harness.stats import seed_interval
 
-    params, runs = seed_runs(study)
+    params, runs = seed_runs(study, heldout)
     if not len(runs):
         return pd.DataFrame()
     cols = score_columns(runs, params)
@@ -94,11 +101,11 @@ def _paired(diffs: list[float], lower_is_better: bool) -> dict[str, Any]:
     return {"difference": iv.estimate, "lo": iv.lo, "hi": iv.hi, "p_value": p, "better_in": f"{better}/{len(diffs)}"}
 
 
-def seed_comparisons(study, rank_by: str = "bpb_avg") -> pd.DataFrame:
+def seed_comparisons(study, rank_by: str = "bpb_avg", heldout: bool = False) -> pd.DataFrame:
     """Paired over seeds: rows (params..., model, vs, reference_model, score, difference, lo, hi, p_value,
     better_in) for every model against the target, CLM-only and the best merge (by mean `rank_by`) of its
     setting; difference = model - reference (bits per byte: negative is better)."""
-    params, runs = seed_runs(study)
+    params, runs = seed_runs(study, heldout)
     if not len(runs):
         return pd.DataFrame()
     cols = score_columns(runs, params)

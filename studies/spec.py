@@ -120,6 +120,8 @@ class StudySpec(_Strict):
     grace_period: int | None = Field(None, ge=1)  # a trial silent this long is dead; default 2 x interval
     max_retries: int = Field(1, ge=0)  # re-runs of a trial whose worker died (not of trials that raised)
     description: str = ""
+    # test: once complete, the best setting (validation split) is run on the test split (studies.heldout)
+    heldout: Literal["test", "none"] = "test"
 
     # Where the file was read from; set by `load_spec`, not by the YAML.
     spec_path: Path | None = Field(None, exclude=True)
@@ -219,9 +221,10 @@ class StudySpec(_Strict):
             raise ValueError(f"{self.source_name}: search_space.{name}: value {value!r} is not one of the choices")
         return value
 
-    def config_for(self, params: dict[str, Any], seed: int | None = None) -> ExperimentConfig:
+    def config_for(self, params: dict[str, Any], seed: int | None = None,
+                   extra: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
         """The experiment config of one trial. `params`: search-space name -> Optuna value (encoded
-        choices are decoded); `seed` sets `ExperimentConfig.seed`."""
+        choices are decoded); `seed` sets `ExperimentConfig.seed`; `extra`: overrides applied last."""
         data = self.base_data()
         overrides = []
         for name, value in params.items():
@@ -235,6 +238,7 @@ class StudySpec(_Strict):
                 overrides.append(f"{name}={json.dumps(value)}")
         if seed is not None:
             overrides.append(f"seed={int(seed)}")
+        overrides += list(extra)
         where = f"{self.source_name}: search_space"
         data = apply_overrides(data, overrides, source=where)
         setting = ", ".join(f"{k}={params[k]}" for k in params if k != SEED_PARAM)

@@ -25,7 +25,7 @@ class EvalStage(Stage):
     # lm-eval 0.4.13 scores them (raw exact match, stop "Q", size-weighted group; acc only; common problems)
     version: ClassVar[int] = 3
 
-    corpus: CorpusStage  # held-out documents (validation split)
+    corpus: CorpusStage  # held-out documents (evaluation.perplexity.split: validation, or test)
     world: WorldStage | None  # the micro tasks (and micro models)
     made_by: list[Stage]  # the stages the contestant's models come from ([] for a given model)
     evaluation: EvaluationSpec
@@ -48,7 +48,7 @@ class EvalStage(Stage):
     def build(self, out: Path, env) -> None:
         from harness.stats import DOC_COLUMNS, ITEM_COLUMNS
 
-        rows_by_domain = held_out_by_domain(env.corpus_rows(self.corpus).get("validation", []),
+        rows_by_domain = held_out_by_domain(held_out_rows(env, self.corpus, self.evaluation.perplexity.split),
                                             self.evaluation.perplexity.max_docs_per_domain)
         scores, items, docs, used, rows = [], [], [], {}, {}
         for m in self.contestant.loader(env, self.evaluation.settings.dtype):
@@ -71,8 +71,25 @@ class EvalStage(Stage):
                 out / file, index=False)
 
 
+def held_out_rows(env, corpus: CorpusStage, split: str) -> list[dict]:
+    """The rows of the corpus stage's `split` ("validation" or "test"). A micro corpus stage built before
+    corpora had a test split reads the micro world's test split (what the stage writes now: held-out documents
+    are written whole). A corpus without one raises ValueError naming corpus.test_fraction."""
+    rows = env.corpus_rows(corpus)
+    if split in rows:
+        return rows[split]
+    if split == "test" and corpus.corpus.kind == "micro":
+        from harness.corpus import load_corpus_splits
+
+        return load_corpus_splits(corpus.corpus, world=env.world)["test"]
+    if split == "test":
+        raise ValueError("evaluation.perplexity.split: test needs a test split: set corpus.test_fraction "
+                         "(file and datasets corpora; the micro world has one)")
+    return []
+
+
 def held_out_by_domain(rows: list[dict], limit: int | None) -> dict[str, list[str]]:
-    """{domain: texts} of the validation split, at most `limit` documents per domain (first ones)."""
+    """{domain: texts} of held-out rows, at most `limit` documents per domain (first ones)."""
     by_domain: dict[str, list[str]] = {}
     for row in rows:
         lst = by_domain.setdefault(row["domain"], [])
@@ -120,7 +137,7 @@ def run_perplexity(evaluation: EvaluationSpec, label: str, scorer, rows_by_domai
                                         batch_size=env.placement.batch_size(evaluation.settings.batch_size),
                                         per_document=True, progress=env.progress and label)
     docs.insert(0, "model", label)
-    windows = describe_windows(p.window, p.stride, p.convention)
+    windows = describe_windows(p.window, p.stride, p.convention) + ("; test split" if p.split == "test" else "")
     rows = [{"model": label, "suite": "perplexity", "task": r["domain"], "metric": metric,
              "value": float(r[metric]), "stderr": float("nan"), "n": int(r["n_tokens"]), "windows": windows}
             for _, r in df.iterrows() for metric in ("bits_per_byte", "token_perplexity")]

@@ -253,3 +253,40 @@ def test_a_pattern_that_matches_nothing_names_the_entry(tmp_path, monkeypatch):
                            "corpus": {"kind": "text_files", "paths": ["code=src/*.py"]}}, "t.yaml")
     with pytest.raises(ConfigError, match=r"^t\.yaml: corpus\.paths\.0: no file matches the pattern 'src/\*\.py'$"):
         check_local_paths(cfg, "t.yaml")
+
+
+def test_test_fraction_takes_held_out_test_documents_before_the_validation_ones(tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("".join(f"Paragraph {i}: " + "words of plain prose here. " * 70 + "\n\n" for i in range(20)))
+    plain = load_corpus_splits(_spec("text_files", text, validation_fraction=0.2), seed=3)
+    split = load_corpus_splits(_spec("text_files", text, validation_fraction=0.2, test_fraction=0.25), seed=3)
+    n = len(plain["train"]) + len(plain["validation"])
+    assert "test" not in plain and n == 20  # one ~2,000-character document per paragraph
+    # of 20 documents: round(20 * 0.25) = 5 test, round(20 * 0.2) = 4 validation, 11 train, disjoint
+    assert (len(split["test"]), len(split["validation"]), len(split["train"])) == (5, 4, 11)
+    texts = [{r["text"] for r in split[s]} for s in ("test", "validation", "train")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert set().union(*texts) == {r["text"] for s in plain.values() for r in s}
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ({"kind": "micro", "test_fraction": 0.1}, r"corpus: .*test_fraction: the micro world brings its own test split"),
+    ({"kind": "text_files", "paths": ["a.txt"], "validation_fraction": 0.5, "test_fraction": 0.5},
+     r"test_fraction: validation_fraction 0\.5 \+ test_fraction 0\.5 leave no training documents"),
+])
+def test_test_fraction_errors(corpus, message):
+    cfg = {"name": "t", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
+           "sources": [{"ref": "micro:llama-docs"}], "corpus": corpus}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, "t.yaml")
+
+
+def test_a_test_split_evaluation_needs_a_test_split():
+    cfg = {"name": "t", "world": {"kind": "micro"}, "target": {"ref": "micro:llama-docs"},
+           "sources": [{"ref": "micro:llama-docs"}], "corpus": {"kind": "text_files", "paths": ["a.txt"]},
+           "evaluation": {"perplexity": {"split": "test"}}}
+    with pytest.raises(ConfigError, match=r"evaluation\.perplexity\.split: test needs a test split: set "
+                                          r"corpus\.test_fraction"):
+        validate_config(cfg, "t.yaml")
+    cfg["corpus"]["test_fraction"] = 0.1
+    assert validate_config(cfg, "t.yaml").evaluation.perplexity.split == "test"

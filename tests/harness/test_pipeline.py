@@ -207,3 +207,34 @@ def test_the_fusion_diagnostics_reach_the_results(first_run):
     assert set(d.loc[d["figure"] == "share_usable", "source"]) == {"neox-code", "mpt-arithmetic"}
     assert set(d.loc[d["figure"] == "topk_mass", "source"]) == {"llama-docs", "neox-code", "mpt-arithmetic"}
     assert (res.run_dir / "diagnostics.csv").is_file()
+
+
+def test_the_test_split_rescores_the_same_models_on_the_worlds_test_documents(first_run, micro_world):
+    from harness.stages.evaluate import held_out_rows
+
+    wd, res = first_run
+    test = run_experiment(small_config(wd, "evaluation.perplexity.split=test", "evaluation.suites=[]"),
+                          progress=False)
+    built = test.stage_times[~test.stage_times["cached"]]["stage"].tolist()
+    assert built and all(s.startswith("eval/") for s in built)  # the trained models come from the cache
+    val, tst = res.results.set_index("model"), test.results.set_index("model")
+    assert "micro" not in tst.columns
+    assert (val.loc["fusellm", "bpb_avg"] != tst.loc["fusellm", "bpb_avg"]) and 0 < tst.loc["fusellm", "bpb_avg"] < 20
+    rows = test.eval_long[(test.eval_long.suite == "perplexity") & (test.eval_long.metric == "bits_per_byte")]
+    assert rows["windows"].str.endswith("; test split").all()
+
+    class Env:  # a micro corpus stage built before corpora had a test split: the world's test split is read
+        world = micro_world
+
+        @staticmethod
+        def corpus_rows(stage):
+            return {"train": [], "validation": []}
+
+    stage = type("Stage", (), {"corpus": small_config(wd).corpus})
+    kept, expected = {}, []  # corpus.max_docs_per_domain=10: the first 10 of each domain, in the world's order
+    for r in micro_world.corpus("test"):
+        kept[r["domain"]] = kept.get(r["domain"], 0) + 1
+        if kept[r["domain"]] <= 10:
+            expected.append(r["text"])
+    assert [r["text"] for r in held_out_rows(Env, stage, "test")] == expected
+    assert held_out_rows(Env, stage, "validation") == []

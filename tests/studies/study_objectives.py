@@ -41,3 +41,12 @@ def slow_experiment(cfg, *, tracker, parent_run_id, trial):
             time.sleep(0.2)
     time.sleep(float(os.environ.get("FUSELAB_TEST_SLEEP", "1")))
     return fake_experiment(cfg, tracker=tracker, parent_run_id=parent_run_id, trial=trial)
+
+
+def split_aware_experiment(cfg, *, tracker, parent_run_id, trial):
+    """fusellm/bpb_avg = 2 - micro on the validation split, 2.5 - micro / 2 on the test split (the held-out
+    run's); clm/bpb_avg = 1.5 and 1.75; it records which split and suites it was asked for."""
+    micro = expected_micro(cfg.fusion.fusion, cfg.fusion.vocab_map, cfg.seed)
+    test = cfg.evaluation.perplexity.split == "test"
+    return {"fusellm/bpb_avg": 2.5 - micro / 2 if test else 2.0 - micro, "clm/bpb_avg": 1.75 if test else 1.5,
+            "n_suites": float(len(cfg.evaluation.suites)), "trial_given": float(trial is not None)}
