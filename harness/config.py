@@ -131,18 +131,23 @@ class CorpusSpec(_Strict):
     # file and datasets corpora: a held-out test split (reported on, never selected on; studies' `heldout`)
     test_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     min_chars: int = Field(20, ge=1)
-    encoding: str = "utf-8"  # how corpus files are decoded; undecodable bytes are an error, never replaced
+    # how corpus files are decoded; undecodable bytes are an error, never replaced. A list: each file (or zip
+    # member) takes the first encoding that decodes all of it, e.g. [utf-8, cp1252] for a mixed folder
+    encoding: str | list[str] = "utf-8"
 
     @field_validator("encoding")
     @classmethod
-    def _known_encoding(cls, v: str) -> str:
+    def _known_encoding(cls, v: str | list[str]) -> str | list[str]:
         import codecs
 
-        try:
-            codecs.lookup(v)
-        except LookupError:
-            raise ValueError(f"unknown text encoding {v!r} (Python codec names: utf-8, latin-1, cp1252, "
-                             f"utf-16...)") from None
+        for name in [v] if isinstance(v, str) else v:
+            try:
+                codecs.lookup(name)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {name!r} (Python codec names: utf-8, latin-1, cp1252, "
+                                 f"utf-16...)") from None
+        if isinstance(v, list) and not v:
+            raise ValueError("encoding: give at least one encoding")
         return v
 
     @model_validator(mode="after")

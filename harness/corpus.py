@@ -6,7 +6,7 @@ of paragraphs up to `DOC_CHARS` characters), `jsonl` (one document per row, `tex
 a hub id or local files, streamed on request, capped by `max_docs` / `max_tokens`; the domain is the row's
 `domain_field` or `dataset_domain`). `.gz` files are read transparently.
 
-Files are decoded strictly with `corpus.encoding` (default UTF-8): a file that is binary (a NUL byte, or more
+Files are decoded strictly with `corpus.encoding` (default UTF-8; a list: the first that decodes the file): a file that is binary (a NUL byte, or more
 than 1% control characters), not valid in that encoding, or a truncated/corrupt gzip stream is refused with
 the file and the byte offset named, never turned into documents of replacement characters.
 """
@@ -93,15 +93,29 @@ def read_text(path: Path, encoding: str = "utf-8", where: str = "corpus") -> str
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise CorpusError(f"{where}: {path} is a truncated or corrupt gzip file ({exc}); "
                           f"re-download or re-compress it") from None
+    return _decode(data, str(path), encoding, where, of)
+
+
+def _decode(data: bytes, name: str, encoding: str | list[str], where: str, of: str = "") -> str:
+    """`data` decoded strictly; CorpusError naming `where` and `name` when it is binary or not `encoding`. A list
+    of encodings: the first that decodes all of `data` (the error is the last one's)."""
+    if not isinstance(encoding, str):
+        for candidate in encoding[:-1]:
+            try:
+                data.decode(candidate)
+            except UnicodeDecodeError:
+                continue
+            return _decode(data, name, candidate, where, of)
+        encoding = encoding[-1]
     wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NUL bytes are normal there
     nul = -1 if wide else data.find(b"\x00")
     if nul >= 0:
-        raise CorpusError(f"{where}: {path} looks binary (a NUL byte at byte offset {nul}{of}); corpus files "
+        raise CorpusError(f"{where}: {name} looks binary (a NUL byte at byte offset {nul}{of}); corpus files "
                           f"must be text")
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"{where}: {path} is not valid {encoding} at byte offset {exc.start}{of} "
+        raise CorpusError(f"{where}: {name} is not valid {encoding} at byte offset {exc.start}{of} "
                           f"({data[exc.start:exc.start + 8]!r}); set corpus.encoding to the file's encoding "
                           f"(e.g. latin-1) or convert the file to UTF-8") from None
     first = _CONTROL.search(text)
@@ -109,9 +123,24 @@ def read_text(path: Path, encoding: str = "utf-8", where: str = "corpus") -> str
         count = len(_CONTROL.findall(text))
         if "\x00" in text or count > _BINARY_CONTROL_SHARE * len(text):
             at = text.index("\x00") if "\x00" in text else first.start()
-            raise CorpusError(f"{where}: {path} looks binary ({count} control characters in {len(text)}, the first "
+            raise CorpusError(f"{where}: {name} looks binary ({count} control characters in {len(text)}, the first "
                               f"at byte offset {len(text[:at].encode(encoding))}{of}); corpus files must be text")
     return text
+
+
+def read_texts(path: Path, encoding: str = "utf-8", where: str = "corpus") -> list[str]:
+    """The texts of a corpus file: one for a text (or `.gz`) file, one per file inside a `.zip` archive (in
+    name order), each decoded and checked as `read_text` does (errors name `archive.zip:member`)."""
+    if path.suffix != ".zip":
+        return [read_text(path, encoding, where)]
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = sorted(i.filename for i in archive.infolist() if not i.is_dir())
+            return [_decode(archive.read(m), f"{path}:{m}", encoding, where) for m in members]
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise CorpusError(f"{where}: {path} is a truncated or corrupt zip file ({exc})") from None
 
 
 def paragraphs_to_documents(text: str, max_chars: int = DOC_CHARS, min_chars: int = 20) -> list[str]:
@@ -140,10 +169,11 @@ def _domain_docs(spec) -> dict[str, list[str]]:
         for path in files:
             if not path.is_file():
                 raise CorpusError(f"corpus.paths.{i}: file {path} does not exist")
-            text = read_text(path, spec.encoding, where=f"corpus.paths.{i}")
             if spec.kind == "text_files":
-                out.setdefault(domain, []).extend(paragraphs_to_documents(text, min_chars=spec.min_chars))
+                for text in read_texts(path, spec.encoding, where=f"corpus.paths.{i}"):
+                    out.setdefault(domain, []).extend(paragraphs_to_documents(text, min_chars=spec.min_chars))
                 continue
+            text = read_text(path, spec.encoding, where=f"corpus.paths.{i}")
             for ln, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue

@@ -262,7 +262,7 @@ def _file_bytes(corpus, base: Path) -> tuple[float, list[str], str | None]:
                 known = known or next((n for n in KNOWN_CORPORA if "/" not in n and n in path.name.lower()), None)
                 continue
             # gzip text compresses ~3x; jsonl adds ~10% of keys and quoting
-            domain_size += (path.stat().st_size * (3.0 if path.suffix == ".gz" else 1.0)
+            domain_size += (path.stat().st_size * (3.0 if path.suffix in (".gz", ".zip") else 1.0)
                             * (0.9 if ".json" in path.name else 1.0))
         if corpus.kind == "text_files" and corpus.max_docs_per_domain:
             domain_size = min(domain_size, corpus.max_docs_per_domain * DOC_CHARS)  # documents are ~DOC_CHARS long
@@ -301,8 +301,8 @@ def corpus_tokens(cfg: ExperimentConfig, base: Path = Path(".")) -> tuple[int | 
         how = f"{how}, first {corpus.max_docs:,} of {documents:,} documents"
     if corpus.max_tokens and corpus.max_tokens < tokens:
         tokens, how = corpus.max_tokens, f"corpus.max_tokens {corpus.max_tokens:,}"
-    train = int(tokens * (1 - corpus.validation_fraction))
-    return train, f"{how}; train split {1 - corpus.validation_fraction:.3g}"
+    share = 1 - corpus.validation_fraction - (corpus.test_fraction or 0.0)
+    return int(tokens * share), f"{how}; train split {share:.3g}"
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -290,3 +290,21 @@ def test_a_test_split_evaluation_needs_a_test_split():
         validate_config(cfg, "t.yaml")
     cfg["corpus"]["test_fraction"] = 0.1
     assert validate_config(cfg, "t.yaml").evaluation.perplexity.split == "test"
+
+
+def test_a_zip_archive_is_read_member_by_member_with_the_first_encoding_that_fits(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "speeches.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("speeches/b.txt", ("Caf\u00e9 au lait, " * 20 + "\n\n").encode("cp1252"))  # 0xe9: not UTF-8
+        zf.writestr("speeches/a.txt", ("Na\u00efve plain text. " * 20 + "\n\n").encode("utf-8"))
+    with pytest.raises(CorpusError, match=rf"^corpus\.paths\.0: {archive}:speeches/b\.txt is not valid utf-8 at "
+                                          r"byte offset 3 "):
+        load_corpus_splits(_spec("text_files", archive))
+    splits = load_corpus_splits(_spec("text_files", archive, encoding=["utf-8", "cp1252"]))
+    texts = sorted(r["text"] for rows in splits.values() for r in rows)
+    assert texts == [("Caf\u00e9 au lait, " * 20).strip(), ("Na\u00efve plain text. " * 20).strip()]
+    assert {r["domain"] for rows in splits.values() for r in rows} == {"speeches"}
+    with pytest.raises(ValueError, match="unknown text encoding 'utf-9'"):
+        CorpusSpec(kind="text_files", paths=["x"], encoding=["utf-8", "utf-9"])
