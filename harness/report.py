@@ -309,6 +309,34 @@ def _results_section(data: ExperimentData, table: pd.DataFrame, out_dir: Path) -
     return md + bpb_windows_line(data.eval_long)
 
 
+# metrics shown beside a task's primary one in the per-task table (lm-eval's length-normalised accuracy)
+SECONDARY_METRICS = ("acc_norm",)
+
+
+def per_task_cells(eval_long: pd.DataFrame) -> pd.DataFrame:
+    """`suite/task` (and `suite/task (acc_norm)` beside tasks that have it) x model: "value ± se (n)" with
+    lm-eval's standard error of the task's score and its number of items."""
+    from harness.evaluation.suites import primary_scores
+
+    rows = primary_scores(eval_long)
+    ev = eval_long[eval_long["suite"] != "perplexity"]
+    extra = ev[ev["metric"].isin(SECONDARY_METRICS)]
+    if "level" in extra.columns:
+        extra = extra[extra["level"] != "group"]
+    cells: dict[str, dict[str, str]] = {}
+    for frame, suffix in ((rows, False), (extra, True)):
+        for r in frame.itertuples():
+            if pd.isna(pd.to_numeric(r.value, errors="coerce")):
+                continue
+            key = f"{r.suite}/{r.task}" + (f" ({r.metric})" if suffix else "")
+            se = pd.to_numeric(r.stderr, errors="coerce")
+            n = pd.to_numeric(r.n, errors="coerce")
+            cells.setdefault(key, {})[r.model] = (f"{float(r.value):.3g}" + ("" if pd.isna(se) else f" ± {se:.2g}")
+                                                  + ("" if pd.isna(n) else f" ({int(n)})"))
+    order = sorted(cells, key=lambda k: (k.split(" (")[0], k))  # a task's acc_norm row right after it
+    return pd.DataFrame.from_dict({k: cells[k] for k in order}, orient="index")
+
+
 def _per_task_section(eval_long: pd.DataFrame, out_dir: Path) -> list[str]:
     tasks = per_task_scores(eval_long)
     if not len(tasks):
@@ -316,9 +344,11 @@ def _per_task_section(eval_long: pd.DataFrame, out_dir: Path) -> list[str]:
     tasks.index.name = "model"
     tasks.to_csv(out_dir / "per_task.csv")
     # one row per task (suite/task), one column per model: dozens of tasks stay readable
-    shown = tasks.T
+    shown = per_task_cells(eval_long)[list(tasks.index)]
     shown.index.name = "task"
-    return ["## Per task\n", _fmt(shown)]
+    return ["## Per task\n", "Each task's primary metric (fractions) ± lm-eval's standard error (items scored); "
+            "`(acc_norm)` rows: lm-eval's length-normalised accuracy of the same items, beside `acc`.\n",
+            shown.fillna("").to_markdown() + "\n"]
 
 
 # figure of harness.stages.diagnostics -> its column in the report's pivot, in reading order

@@ -56,7 +56,7 @@ def test_experiment_table_keeps_the_contestant_order_and_computes_exact_gains():
 
 def test_per_task_scores_and_suite_stderr():
     tasks = per_task_scores(EVAL_LONG)
-    assert tasks.loc["fusellm", "micro/arith"] == 0.75  # acc is primary, acc_norm ignored
+    assert tasks.loc["fusellm", "micro/arith"] == 0.75  # acc is primary (acc_norm: a row of its own in the report)
     assert tasks.loc["llama-docs", "micro/docs_qa"] == 0.5
     assert "perplexity/docs" not in tasks.columns
     se = suite_stderr(EVAL_LONG)
@@ -255,7 +255,10 @@ def test_report_main_on_run_id_and_experiment_name(logged_run, tmp_path):
     # per task: one row per task, one column per model
     per_task = text[text.index("## Per task"):]
     assert re.search(r"\| task +\| +fusellm +\| +llama-docs +\|", per_task)
-    assert re.search(r"\| micro/arith +\| +0\.75 +\| +0\.5 +\|", per_task)
+    assert re.search(r"\| micro/arith +\| +0\.75 ± 0\.03 \(40\) +\| +0\.5 ± 0\.06 \(40\) +\|", per_task)
+    # acc_norm beside acc, on the next row; llama-docs has none
+    assert re.search(r"\| micro/arith \(acc_norm\) +\| +0\.5 ± 0\.05 \(40\) +\| +\|", per_task)
+    assert per_task.index("micro/arith (acc_norm)") < per_task.index("micro/docs_qa")
     # the fusion diagnostics come back from the run's results folder, as a pivot with its reading guide
     diag = text[text.index("## Fusion diagnostics"):text.index("## Stage times")]
     assert "**alignment**" in diag and "**vocabulary map**" in diag and "**truncation**" in diag
