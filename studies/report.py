@@ -324,10 +324,12 @@ def _heldout_section(study, out_dir: Path) -> list[str]:
     if record is None:
         return []
     md = ["## Held-out test split: the chosen setting\n"]
-    if "skipped" in record or "failed" in record:
-        what = f"not run: {record['skipped']}" if "skipped" in record else f"failed: {record['failed']}"
-        return md + [f"Every score above is on the validation split the setting was chosen on; a held-out test run "
-                     f"was {what}.\n"]
+    if "skipped" in record:
+        return md + [f"Every score above is on the validation split the settings were compared on; no held-out "
+                     f"test run: {record['skipped']}.\n"]
+    if "failed" in record:
+        return md + [f"Every score above is on the validation split the settings were compared on; the held-out "
+                     f"test run failed: {record['failed']} (it is tried again the next time the study is run).\n"]
     objective = (study.user_attrs.get(ATTR_OBJECTIVE) or {}).get("metric", "objective")
     test = [r["metrics"][objective] for r in record["runs"] if objective in r["metrics"]]
     md.append(f"Chosen on the validation split: **{record['setting']}** (best mean `{objective}` = "

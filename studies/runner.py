@@ -46,8 +46,8 @@ from harness.tracking import (
     file_lock,
     sqlite_path,
 )
-from studies.attrs import (ATTR_ERROR, ATTR_GRID_SIZE, ATTR_OBJECTIVE, ATTR_RUN_ID, ATTR_RUNS, ATTR_SEARCH_SPACE,
-                           ATTR_SETTING, ATTR_SPEC_HASH, ATTR_WORKER)
+from studies.attrs import (ATTR_ERROR, ATTR_GRID_SIZE, ATTR_HELDOUT, ATTR_OBJECTIVE, ATTR_RUN_ID, ATTR_RUNS,
+                           ATTR_SEARCH_SPACE, ATTR_SETTING, ATTR_SPEC_HASH, ATTR_WORKER)
 from studies.heldout import heldout_pending, run_heldout
 from studies.spec import SEED_PARAM, CategoricalSpace, FloatSpace, StudySpec, load_spec
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.evaluation import sandbox
-from harness.evaluation.multipl_e import (JAR, TOOLCHAINS, _script, assemble_program, execute, toolchain_problem,
+from harness.evaluation.multipl_e import (JAR, TOOLCHAINS, assemble_program, execute, toolchain_problem,
                                           truncate_completion)
 from harness.evaluation.sandbox import SandboxLimits, SandboxUnavailable, run_sandboxed
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from conftest import REPO
 from study_objectives import expected_micro, split_aware_experiment
 
 from studies.attrs import ATTR_HELDOUT, ATTR_RUNS
@@ -42,6 +41,27 @@ def test_the_best_validation_setting_is_rerun_on_test_for_every_seed(write_spec,
     assert f"= {2.5 - (0.625 + 0.005) / 2:.4f} (mean of 2)" in report
 
 
+def test_a_failed_held_out_run_is_recorded_and_tried_again_next_time(write_spec, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    broken = {"on": True}
+
+    def fails_on_test(cfg, **kw):
+        if cfg.evaluation.perplexity.split == "test" and broken["on"]:
+            raise RuntimeError("disk full")
+        return split_aware_experiment(cfg, **kw)
+
+    path = write_spec("retry", objective=BPB, seeds=[0])
+    study = run_study(path, _overrides(wd), objective_fn=fails_on_test, progress=False)
+    assert study.user_attrs[ATTR_HELDOUT] == {"failed": "RuntimeError: disk full"}
+    assert "[retry] held-out test run failed: RuntimeError: disk full" in capsys.readouterr().err
+    report = (wd / "reports" / "retry" / "report.md").read_text()
+    assert "the held-out test run failed: RuntimeError: disk full (it is tried again the next time" in report
+    broken["on"] = False
+    again = run_study(path, _overrides(wd), objective_fn=fails_on_test, progress=False)  # no trial left to run
+    assert [r["seed"] for r in again.user_attrs[ATTR_HELDOUT]["runs"]] == [0]
+    assert "**fusion.fusion=mince**" in (wd / "reports" / "retry" / "report.md").read_text()
+
+
 def test_no_held_out_run_for_a_suite_objective(write_spec, tmp_path):
     wd = tmp_path / "wd"
     calls = []
@@ -54,7 +74,7 @@ def test_no_held_out_run_for_a_suite_objective(write_spec, tmp_path):
     study = run_study(path, _overrides(wd), objective_fn=counting, progress=False)
     assert calls == ["validation", "validation"]
     assert study.user_attrs[ATTR_HELDOUT]["skipped"].startswith("the objective fusellm/micro is a suite score")
-    assert "a held-out test run was not run: the objective fusellm/micro is a suite score" in \
+    assert "no held-out test run: the objective fusellm/micro is a suite score" in \
         (wd / "reports" / "suite" / "report.md").read_text()
 
 
@@ -64,7 +84,7 @@ def test_heldout_none_and_a_file_corpus_without_a_test_split_are_skipped(write_s
     assert skip_reason(load_spec(write_spec("n", objective=BPB, heldout="none"))) == "the spec says heldout: none"
     text = tmp_path / "t.txt"
     text.write_text(("A paragraph of plain text for the corpus. " * 10 + "\n\n") * 10)
-    files = [f"corpus.kind=text_files", f"corpus.paths=[{str(text)!r}]"]
+    files = ["corpus.kind=text_files", f"corpus.paths=[{str(text)!r}]"]
     assert skip_reason(load_spec(write_spec("f", objective=BPB, overrides=files), check=False)) == \
         "the corpus has no test split (set corpus.test_fraction)"
     with_test = files + ["corpus.test_fraction=0.2"]

@@ -65,7 +65,9 @@ def test_the_study_report_shows_every_contestant_and_the_paired_table(study, tmp
     from studies.report import write_study_report
 
     md = write_study_report(study, tmp_path).read_text()
-    assert "## Every contestant over the seeds" in md and "### Paired over the seeds (bits per byte)" in md
+    assert "## Every contestant over the seeds (validation split)" in md
+    assert "### Paired over the seeds (bits per byte, validation split)" in md
+    assert "## Held-out test split" not in md  # a study without a held-out record (made before, or by hand)
     line = next(ln for ln in md.splitlines() if ln.replace(" ", "").startswith("|fusellm:experts|bestmerge|"))
     assert "-0.2500 [" in line and "(2/3 better)" in line  # mean difference -0.25 vs merge:linear
     assert (tmp_path / "contestants.csv").is_file() and (tmp_path / "contestant_comparisons.csv").is_file()
