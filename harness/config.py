@@ -521,6 +521,11 @@ class PerplexitySpec(_Strict):
         return data
 
 
+# FuseLab's own suite names: harness.evaluation.data.BUILTIN_SUITES and the micro world's group (not imported
+# here: the evaluation package loads lm-eval)
+FUSELAB_SUITES = ("bbh", "commonsense", "multipl_e", "micro")
+
+
 class EvaluationSpec(_Strict):
     suites: list[str] = Field(default_factory=lambda: ["micro"])
     settings: EvalSettingsSpec = Field(default_factory=EvalSettingsSpec)
@@ -530,8 +535,11 @@ class EvaluationSpec(_Strict):
 
     @model_validator(mode="after")
     def _limits_name_suites(self):
+        """A per-suite limit names a suite of the run (a typo would run the suite in full), or one of FuseLab's
+        own suites: those stay valid when an override drops the suite (`evaluation.suites=[bbh]`)."""
         limit = self.settings.limit
-        unknown = sorted(set(limit) - set(self.suites)) if isinstance(limit, dict) else []
+        known = {*self.suites, *FUSELAB_SUITES}
+        unknown = sorted(set(limit) - known) if isinstance(limit, dict) else []
         if unknown:
             raise ValueError(f"settings.limit names {', '.join(unknown)}, not in suites {self.suites}")
         return self

@@ -6,9 +6,10 @@ of paragraphs up to `DOC_CHARS` characters), `jsonl` (one document per row, `tex
 a hub id or local files, streamed on request, capped by `max_docs` / `max_tokens`; the domain is the row's
 `domain_field` or `dataset_domain`). `.gz` files are read transparently.
 
-Files are decoded strictly with `corpus.encoding` (default UTF-8; a list: the first that decodes the file): a file that is binary (a NUL byte, or more
-than 1% control characters), not valid in that encoding, or a truncated/corrupt gzip stream is refused with
-the file and the byte offset named, never turned into documents of replacement characters.
+Files are decoded strictly with `corpus.encoding` (default UTF-8; a list: the first that decodes the file): a
+file that is binary (a NUL byte, or more than 1% control characters), not valid in that encoding, or a
+truncated/corrupt gzip stream is refused with the file and the byte offset named, never turned into documents of
+replacement characters.
 """
 from __future__ import annotations
 

@@ -290,10 +290,21 @@ def test_file_corpus_settings_on_the_micro_corpus_are_an_error_not_ignored():
 @pytest.mark.parametrize("limit, message", [
     (0, r"evaluation\.settings\.limit: .*limit must be a positive number of examples, got 0"),
     ({"micro": 0}, r"evaluation\.settings\.limit: .*limit\.micro must be a positive number of examples, got 0"),
-    ({"bbh": 3}, r"evaluation: .*settings\.limit names bbh, not in suites \['micro'\]"),
+    ({"commonsence": 3}, r"evaluation: .*settings\.limit names commonsence, not in suites \['micro'\]"),
 ])
 def test_limit_is_a_number_or_one_per_suite_of_the_run(tmp_path, limit, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, _minimal(evaluation={"settings": {"limit": limit}})))
     ok = load_config(_write(tmp_path, _minimal(evaluation={"settings": {"limit": {"micro": 5}}}), "ok.yaml"))
     assert ok.evaluation.settings.limit == {"micro": 5}
+    # FuseLab's own suites may stay in the limits when an override drops them (a study's held-out run: no suites)
+    kept = load_config(_write(tmp_path, _minimal(evaluation={"suites": [], "settings": {"limit": {"bbh": 5}}}),
+                              "kept.yaml"))
+    assert kept.evaluation.settings.limit == {"bbh": 5}
+
+
+def test_fuselab_suite_names_match_the_evaluation_package():
+    from harness.config import FUSELAB_SUITES
+    from harness.evaluation.data import BUILTIN_SUITES
+
+    assert set(FUSELAB_SUITES) == {*BUILTIN_SUITES, "micro"}
