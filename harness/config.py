@@ -645,7 +645,7 @@ class ExperimentConfig(_Strict):
         self._check_merges_fit_the_pool()
         return self
 
-    def _expert_domains(self) -> list[str] | None:
+    def expert_domains(self) -> list[str] | None:
         """The domain pool's domains (one expert each) where known before reading data: micro, text files."""
         if self.corpus.kind == "micro":
             from harness.micro.corpus import DOMAINS
@@ -666,7 +666,7 @@ class ExperimentConfig(_Strict):
         base) matches the pool's size where that is known before reading data."""
         from baselines.merging import check_merge_request
 
-        domains = self._expert_domains()
+        domains = self.expert_domains()
         for i, merge in enumerate(self.baselines.merges):
             for ref in merge.contestant_refs():
                 why = self._missing_contestant(ref, domains)

@@ -308,17 +308,9 @@ def corpus_tokens(cfg: ExperimentConfig, base: Path = Path(".")) -> tuple[int | 
 # ------------------------------------------------------------------------------------------------ stages
 def _n_domains(cfg: ExperimentConfig) -> int | None:
     """Domain experts of the pool (one per corpus domain) where that is known without the data."""
-    if cfg.corpus.kind == "micro":
-        from harness.micro.corpus import DOMAINS
-
-        return len(DOMAINS)
-    if cfg.corpus.kind == "text_files":
-        from harness.corpus import CorpusError, path_entries
-
-        try:
-            return len({domain for domain, _ in path_entries(cfg.corpus.paths)})
-        except CorpusError:
-            return None
+    domains = cfg.expert_domains()
+    if domains is not None:
+        return len(domains)
     if cfg.corpus.kind == "datasets" and cfg.corpus.domain_field is None:
         return 1
     return None
